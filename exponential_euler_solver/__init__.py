@@ -1,0 +1,20 @@
+"""Train a network along the gradient flow of its training loss, d theta/dt = -grad L(theta)."""
+
+from .curvature import (DenseOperator, GaussNewtonOperator, HessianOperator, LinearOperator,
+                        ResidualOperator)
+from .eigen import EigenResult, g_eigenvector, h_eigenvector, loss_hessian_eigenvector, top_eigenpairs
+from .errors import CheckpointError, NonFiniteError, SolverError, StepRejectedError, UnstableStepError
+from .loss import LossFunction
+from .solvers import (AdaptiveGradientDescent, ExponentialEulerSolver, GradientDescent, RungeKutta4Solver,
+                      Solver, StepReport)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LossFunction",
+    "LinearOperator", "DenseOperator", "HessianOperator", "GaussNewtonOperator", "ResidualOperator",
+    "EigenResult", "top_eigenpairs", "loss_hessian_eigenvector", "g_eigenvector", "h_eigenvector",
+    "Solver", "StepReport", "GradientDescent", "AdaptiveGradientDescent", "ExponentialEulerSolver",
+    "RungeKutta4Solver",
+    "SolverError", "NonFiniteError", "StepRejectedError", "UnstableStepError", "CheckpointError",
+]

@@ -1,0 +1,100 @@
+"""Gradient descent and adaptive gradient descent."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..control import DEFAULT_RTOL
+from ._validate import positive_float
+from .base import Proposal, Solver
+from .eigen_based import EigenSolverBase
+from .tracking import EigenTracker
+
+__all__ = ["GradientDescent", "AdaptiveGradientDescent"]
+
+
+class GradientDescent(Solver):
+    """Gradient descent at a fixed step: ``theta <- theta - lr * grad L(theta)``; ``t`` advances by ``lr``.
+
+    Plain gradient descent by default (``rtol=None, monotone=False``), e.g. to study the edge of stability.
+    ``params`` is updated in place by ``step()``.
+
+    Args:
+        params: flat parameters (updated in place).
+        loss: the :class:`~exponential_euler_solver.LossFunction`.
+        lr: the step size, > 0.
+        rtol: with a value, dt is error-controlled (never above ``lr``).
+        monotone: reject steps that raise the loss.
+        error_if_unstable: compute |lambda_1| at each step and raise when ``lr * |lambda_1| > 2``.
+        **kwargs: see :class:`~exponential_euler_solver.solvers.base.Solver`.
+    """
+
+    def __init__(self, params: Tensor, loss, lr: float, *, rtol: Optional[float] = None, monotone: bool = False,
+                 **kwargs):
+        super().__init__(params, loss, rtol=rtol, monotone=monotone, **kwargs)
+        self.lr = positive_float("lr", lr)
+        self._tracker = EigenTracker(1) if self.error_if_unstable else None
+
+    def _prepare(self) -> None:
+        if self._tracker is not None:
+            self.n_hvp += self._tracker.refresh(self.loss, self.params)
+
+    def _stability_curvature(self) -> Optional[float]:
+        return None if self._tracker is None else abs(float(self._tracker.values[0]))
+
+    def _max_dt(self) -> float:
+        return self.lr
+
+    def _propose(self, dt: float) -> Proposal:
+        return Proposal(delta=-dt * self._grad, predicted_gradient=self._grad)
+
+
+class AdaptiveGradientDescent(EigenSolverBase):
+    """Gradient descent with ``dt = min(s * lr, 1 / |lambda_1|)``.
+
+    ``lambda_1`` is the Hessian eigenvalue of largest magnitude at the current point, ``s = warmup_factor``
+    during the first ``warmup_iters`` steps and 1 after. With error control (``rtol``, default
+    :data:`~exponential_euler_solver.control.DEFAULT_RTOL`) dt may be smaller still: the local error is
+    estimated as ``(dt/2) ||g(theta_new) - g(theta)||`` (Euler against Heun) and kept below
+    ``rtol * ||theta_new - theta||``. ``rtol=None`` gives the plain rule. ``params`` is updated in place.
+
+    Args:
+        params: flat parameters (updated in place).
+        loss: the :class:`~exponential_euler_solver.LossFunction`.
+        lr: the largest step size, > 0.
+        warmup_iters: number of initial steps with the reduced cap ``warmup_factor * lr``.
+        warmup_factor: the factor ``s`` during warmup, > 0.
+        rtol: relative local error per step, or None.
+        **kwargs: see :class:`~exponential_euler_solver.solvers.eigen_based.EigenSolverBase` and
+            :class:`~exponential_euler_solver.solvers.base.Solver`.
+
+    The report's ``sharpness`` is ``|lambda_1|``.
+    """
+
+    def __init__(self, params: Tensor, loss, lr: float, warmup_iters: int = 0, warmup_factor: float = 1.0, *,
+                 rtol: Optional[float] = DEFAULT_RTOL, **kwargs):
+        super().__init__(params, loss, 1, warmup_iters=warmup_iters, warmup_factor=warmup_factor, rtol=rtol,
+                         **kwargs)
+        self.lr = positive_float("lr", lr)
+
+    @property
+    def sharpness(self) -> Optional[float]:
+        return None if self.tracker.values is None else abs(float(self.tracker.values[0]))
+
+    def _stability_curvature(self) -> Optional[float]:
+        return self.sharpness
+
+    def _max_dt(self) -> float:
+        return min(self._scale() * self.lr, 1.0 / self.sharpness)
+
+    def _propose(self, dt: float) -> Proposal:
+        return Proposal(delta=-dt * self._grad, predicted_gradient=self._grad)
+
+    def _report_extras(self) -> dict:
+        extras = {"sharpness": self.sharpness}
+        if self.report_eigvecs:
+            extras["eigvecs"] = self.tracker.vectors
+        return extras
