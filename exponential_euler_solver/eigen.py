@@ -149,7 +149,7 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
         block_size: number of vectors iterated, ``>= k``; the ``block_size - k`` extra ("guard") vectors are
             not checked for convergence but keep the method from settling on an eigenpair that is not among
             the ``k`` wanted ones (a residual test alone cannot tell). Default ``k + max(2, k // 2)``, or
-            ``max(k, j)`` when ``init`` has ``j`` columns (a warm start needs no guard to stay put).
+            ``j`` when ``init`` has ``j >= k`` columns (a warm start needs no guard to stay put).
 
     Returns:
         An :class:`EigenResult`.
@@ -171,16 +171,17 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     dtype, device = operator.dtype, operator.device
     if init is not None:
         init = init.unsqueeze(1) if init.ndim == 1 else init
+        if init.ndim != 2 or init.shape[0] != n:
+            raise ValueError(f"init must have shape ({n},) or ({n}, j); got {tuple(init.shape)}")
     if block_size is None:
-        block_size = max(k, init.shape[1]) if init is not None else k + max(2, k // 2)
+        warm = init is not None and init.shape[1] >= k
+        block_size = init.shape[1] if warm else k + max(2, k // 2)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < k:
         raise ValueError(f"block_size must be an int >= k = {k}; got {block_size!r}")
     block_size = min(block_size, n - 1)
 
     columns = []
     if init is not None:
-        if init.ndim != 2 or init.shape[0] != n:
-            raise ValueError(f"init must have shape ({n},) or ({n}, j); got {tuple(init.shape)}")
         columns.append(init.detach().to(dtype=dtype, device=device))
     n_init = columns[0].shape[1] if columns else 0
     if n_init < block_size:

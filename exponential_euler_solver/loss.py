@@ -240,8 +240,13 @@ class LossFunction:
     def _check_criterion(self) -> None:
         batch = next(iter(self._small_batch()))
         *inputs, labels = batch
+        # Through functional_call like every evaluation, so the user's network (its buffers, e.g. BatchNorm
+        # running statistics in training mode) is never run in place.
+        like = next((x for x in inputs if x.is_floating_point()), None)
+        params = self.parameters_of_net(dtype=None if like is None else like.dtype,
+                                        device=inputs[0].device)
         with torch.no_grad():
-            out = self.net(*inputs)
+            out = self._outputs(params, inputs)
             value = self.criterion(out, labels)
         if not isinstance(value, Tensor):
             raise ValueError(f"criterion must return a tensor; got {type(value).__name__}")

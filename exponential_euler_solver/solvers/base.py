@@ -16,6 +16,8 @@ from ._validate import positive_float, positive_int
 __all__ = ["Solver", "StepReport", "Proposal", "DEFAULT_RTOL", "MAX_REJECTIONS"]
 
 MAX_REJECTIONS = 30  # consecutive rejections before a step gives up (dt has then shrunk by 2**30 at least)
+GRADIENT_NOISE_FACTOR = 16  # gradient differences below this many ulps of the largest gradient norm are noise
+ROUNDOFF_FACTOR = 64  # loss changes below this many ulps of the loss count as "no change" (a stationary point)
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Solver:
         self._loss_value: Optional[float] = None
         self._grad: Optional[Tensor] = None
         self._last_rejections = 0
+        self._grad_scale = 0.0  # largest gradient norm seen: the scale of the gradients' round-off
 
     @property
     def rtol(self) -> Optional[float]:
@@ -157,6 +160,7 @@ class Solver:
     def _ensure_gradient(self) -> None:
         if self._grad is None:
             self._loss_value, self._grad = self._evaluate(self.params)
+            self._grad_scale = max(self._grad_scale, float(torch.linalg.vector_norm(self._grad.double())))
         if not (math.isfinite(self._loss_value) and bool(torch.isfinite(self._grad).all())):
             raise NonFiniteError(f"the loss ({self._loss_value}) or gradient at the current parameters is not "
                                  "finite", step=self.n_steps, t=self.t)
@@ -167,11 +171,23 @@ class Solver:
     def _error_ratio(self, dt: float, proposal: Proposal, new_grad: Tensor) -> Optional[float]:
         if self.controller.rtol is None or proposal.predicted_gradient is None:
             return None
-        err = 0.5 * dt * torch.linalg.vector_norm((new_grad - proposal.predicted_gradient).double())
+        # Gradients are known only to round-off of the largest gradient seen in the run; a model mismatch below
+        # that is noise, not error (it matters at stationary points of singular problems).
+        noise = GRADIENT_NOISE_FACTOR * torch.finfo(new_grad.dtype).eps * self._grad_scale
+        mismatch = float(torch.linalg.vector_norm((new_grad - proposal.predicted_gradient).double()))
+        err = 0.5 * dt * max(0.0, mismatch - noise)
         size = torch.linalg.vector_norm(proposal.delta.double())
         if size == 0:
             return 0.0
         return float(err / (self.controller.rtol * size))
+
+    def _stationary(self, loss0: float, new_loss: float, delta: Tensor) -> bool:
+        """True when both the loss change and the first-order predicted decrease ``-g . delta`` are at the
+        loss's round-off level: the flow is at a stationary point to working precision and a strict decrease
+        cannot be asked for."""
+        tiny = ROUNDOFF_FACTOR * torch.finfo(self.params.dtype).eps * max(abs(loss0), abs(new_loss))
+        predicted = -float(torch.dot(self._grad.double(), delta.double()))
+        return abs(new_loss - loss0) <= tiny and abs(predicted) <= tiny
 
     def step(self) -> StepReport:
         """Advance the flow by one accepted step; updates ``params`` in place.
@@ -199,8 +215,10 @@ class Solver:
             candidate = self.params + proposal.delta
             new_loss, new_grad = self._evaluate(candidate)
             finite = math.isfinite(new_loss) and bool(torch.isfinite(new_grad).all())
-            ratio = self._error_ratio(dt, proposal, new_grad) if finite else math.inf
-            decreased = finite and (not self.monotone or new_loss < loss0)
+            stationary = finite and self._stationary(loss0, new_loss, proposal.delta)
+            # At a stationary point to working precision the error estimate is round-off: nothing to control.
+            ratio = math.inf if not finite else 0.0 if stationary else self._error_ratio(dt, proposal, new_grad)
+            decreased = finite and (not self.monotone or new_loss < loss0 or stationary)
             if decreased and self.controller.accepts(ratio):
                 break
             tried.append(new_loss)
@@ -222,6 +240,7 @@ class Solver:
                             rejections=rejections, error_ratio=ratio,
                             gradient=g0 if self.report_gradient else None, **self._report_extras())
         self._loss_value, self._grad = new_loss, new_grad
+        self._grad_scale = max(self._grad_scale, float(torch.linalg.vector_norm(new_grad.double())))
         self._last_rejections = rejections
         self._last_ratio = ratio
         self.n_steps += 1
@@ -241,6 +260,7 @@ class Solver:
             "n_rejected": self.n_rejected,
             "loss_value": self._loss_value,
             "grad": None if self._grad is None else self._grad.clone(),
+            "grad_scale": self._grad_scale,
             "controller": self.controller.state_dict(),
             "method": self._method_state(),
         }
@@ -261,6 +281,7 @@ class Solver:
         self.t, self.n_steps = float(state["t"]), int(state["n_steps"])
         self.n_grad, self.n_hvp, self.n_rejected = state["n_grad"], state["n_hvp"], state["n_rejected"]
         self._loss_value = state["loss_value"]
+        self._grad_scale = state["grad_scale"]
         g = state["grad"]
         self._grad = None if g is None else g.to(device=self.params.device, dtype=self.params.dtype).clone()
         self.controller.load_state_dict(state["controller"])

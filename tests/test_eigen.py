@@ -1,0 +1,227 @@
+"""Tests for exponential_euler_solver.eigen against torch.linalg.eigh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from exponential_euler_solver import (DenseOperator, LossFunction, g_eigenvector, h_eigenvector,
+                                      loss_hessian_eigenvector, top_eigenpairs)
+
+F64 = torch.float64
+N = 50
+TOP = (-19.86, -4.73, 4.70)  # |-4.73| and |4.70| nearly tie: LM must still pick -4.73, with its sign
+TOL = 1e-10
+# LA k=2 wants 0.9988 next to 0.887 with -19.86 at the other end of the spectrum: unpreconditioned LOBPCG with
+# block 4 contracts by about 0.83 per iteration there and needs ~135 iterations for 1e-10, more than the default.
+MAX_ITERS = 300
+
+
+def _spectrum_matrix(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q diag(ev) Q^T`` with ``ev`` = TOP and 47 values uniform in (-1, 1); returns (A, ev)."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen, dtype=F64))
+    ev = torch.cat([torch.tensor(TOP, dtype=F64), 2 * torch.rand(N - 3, generator=gen, dtype=F64) - 1])
+    A = (Q * ev) @ Q.T
+    return (A + A.T) / 2, ev
+
+
+@pytest.fixture(scope="module")
+def matrix() -> torch.Tensor:
+    return _spectrum_matrix()[0]
+
+
+def _expected(A: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    vals = torch.linalg.eigvalsh(A)
+    if which == "LM":
+        order = torch.argsort(vals.abs(), descending=True)
+    elif which == "LA":
+        order = torch.argsort(vals, descending=True)
+    else:
+        order = torch.argsort(vals)
+    return vals[order[:k]]
+
+
+def _residuals(A: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    V = vectors.to(A.dtype)
+    return torch.linalg.norm(A @ V - V * values.to(A.dtype), dim=0)
+
+
+def _check_result(A, result, k, which, tol, rtol_values):
+    expected = _expected(A, k, which)
+    vals, V = result.eigenvalues, result.eigenvectors
+    assert vals.shape == (k,) and vals.dtype == F64, f"eigenvalues {tuple(vals.shape)} {vals.dtype}"
+    assert V.shape == (A.shape[0], k), f"eigenvectors {tuple(V.shape)}"
+    rel = ((vals - expected).abs() / expected.abs())
+    assert bool((rel <= rtol_values).all()), \
+        f"which={which} k={k}: got {vals.tolist()}, eigh {expected.tolist()}, relative errors {rel.tolist()}"
+    # Residuals recomputed here, against what the code promises: ||A v - lambda v|| <= tol * |lambda|.
+    res = _residuals(A, vals, V)
+    assert bool((res <= tol * vals.abs()).all()), \
+        f"which={which} k={k}: residuals {res.tolist()} exceed tol*|lambda| = {(tol * vals.abs()).tolist()}"
+    # The reported residual norms are the true ones (up to rounding of A @ V).
+    slack = 1e-13 * float(torch.linalg.matrix_norm(A, ord=2))
+    assert bool(((result.residual_norms - res).abs() <= slack + 1e-2 * res).all()), \
+        f"reported residuals {result.residual_norms.tolist()} vs recomputed {res.tolist()}"
+    assert result.converged, f"converged=False with residuals {res.tolist()}"
+
+
+@pytest.mark.parametrize("which,k", [("LM", 1), ("LM", 2), ("LM", 3), ("LA", 1), ("LA", 2), ("SA", 1), ("SA", 2)])
+def test_eigenpairs_match_eigh(matrix, which, k):
+    op = DenseOperator(matrix)
+    result = top_eigenpairs(op, k, which=which, tol=TOL, max_iters=MAX_ITERS,
+                            generator=torch.Generator().manual_seed(1))
+    _check_result(matrix, result, k, which, TOL, 1e-8)
+    V = result.eigenvectors
+    ortho = float((V.T @ V - torch.eye(k, dtype=F64)).abs().max())
+    assert ortho <= 1e-12, f"which={which} k={k}: max |V^T V - I| = {ortho:.3e}"
+    assert result.n_products == op.n_products, f"n_products {result.n_products} vs operator's {op.n_products}"
+    assert result.residual_norms.shape == (k,) and result.residual_norms.dtype == F64
+
+
+@pytest.mark.parametrize("max_iters", [0, 3])
+def test_converged_flag_is_honest(matrix, max_iters):
+    op = DenseOperator(matrix)
+    result = top_eigenpairs(op, 2, which="LA", tol=TOL, max_iters=max_iters,
+                            generator=torch.Generator().manual_seed(1))
+    res = _residuals(matrix, result.eigenvalues, result.eigenvectors)
+    assert result.n_iterations == max_iters, f"{result.n_iterations} iterations with max_iters={max_iters}"
+    assert not result.converged, f"converged=True with residuals {res.tolist()} and tol {TOL}"
+    assert bool((res > TOL * result.eigenvalues.abs()).any())
+    assert torch.allclose(result.residual_norms, res, rtol=1e-8, atol=1e-13), \
+        f"reported {result.residual_norms.tolist()} vs recomputed {res.tolist()}"
+    if max_iters == 0:  # one Rayleigh-Ritz on the starting block: k + max(2, k // 2) = 4 products
+        assert result.n_products == op.n_products == 4, f"n_products {result.n_products}, operator {op.n_products}"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_lm_picks_the_negative_pair_for_every_start(matrix, seed):
+    result = top_eigenpairs(DenseOperator(matrix), 2, which="LM", tol=TOL,
+                            generator=torch.Generator().manual_seed(100 + seed))
+    vals, V = result.eigenvalues, result.eigenvectors
+    target = torch.tensor(TOP[:2], dtype=F64)
+    assert bool(((vals - target).abs() <= 1e-8 * target.abs()).all()), \
+        f"seed {seed}: LM k=2 gave {vals.tolist()}, expected {target.tolist()}"
+    assert bool((vals < 0).all()), f"seed {seed}: signs wrong: {vals.tolist()}"
+    rayleigh = torch.einsum("ik,ij,jk->k", V, matrix, V) / (V * V).sum(0)
+    err = (rayleigh - vals).abs()
+    assert bool((err <= 1e-12 * vals.abs()).all()), \
+        f"seed {seed}: Rayleigh quotients {rayleigh.tolist()} vs eigenvalues {vals.tolist()}"
+    res = _residuals(matrix, vals, V)
+    assert bool((res <= TOL * vals.abs()).all()), f"seed {seed}: residuals {res.tolist()}"
+    ortho = float((V.T @ V - torch.eye(2, dtype=F64)).abs().max())
+    assert ortho <= 1e-12, f"seed {seed}: max |V^T V - I| = {ortho:.3e}"
+
+
+def test_warm_start_needs_fewer_products(matrix):
+    first = top_eigenpairs(DenseOperator(matrix), 2, tol=TOL, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(8)
+    E = torch.randn(N, N, generator=gen, dtype=F64)
+    perturbed = matrix + 1e-4 * (E + E.T) / 2
+
+    cold_op, warm_op = DenseOperator(perturbed), DenseOperator(perturbed)
+    cold = top_eigenpairs(cold_op, 2, tol=TOL, generator=torch.Generator().manual_seed(9))
+    warm = top_eigenpairs(warm_op, 2, tol=TOL, init=first.eigenvectors)
+    for name, result in (("cold", cold), ("warm", warm)):
+        _check_result(perturbed, result, 2, "LM", TOL, 1e-8)
+    assert warm.n_products == warm_op.n_products and cold.n_products == cold_op.n_products
+    assert warm.n_products < cold.n_products, \
+        f"warm start used {warm.n_products} products ({warm.n_iterations} iterations), cold start " \
+        f"{cold.n_products} ({cold.n_iterations} iterations)"
+
+
+def test_float32_operator_matches_float64(matrix):
+    result = top_eigenpairs(DenseOperator(matrix.float()), 3, generator=torch.Generator().manual_seed(3))
+    expected = _expected(matrix, 3, "LM")
+    assert result.eigenvectors.dtype == torch.float32 and result.eigenvalues.dtype == F64
+    rel = (result.eigenvalues - expected).abs() / expected.abs()
+    assert bool((rel <= 1e-4).all()), \
+        f"float32 eigenvalues {result.eigenvalues.tolist()} vs float64 {expected.tolist()}: relative {rel.tolist()}"
+    assert result.converged, f"float32 residuals {result.residual_norms.tolist()}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_partial_warm_start_still_finds_the_wanted_pairs(matrix, seed):
+    # init has 1 column for k = 2: the second column is random, a cold start, so it needs the guard vectors a
+    # cold start gets. The default block_size = max(k, j) = 2 gives none.
+    vals, vecs = torch.linalg.eigh(matrix)
+    init = vecs[:, vals.argmin()]  # the exact eigenvector of -19.86
+    result = top_eigenpairs(DenseOperator(matrix), 2, which="LM", init=init, tol=TOL, max_iters=MAX_ITERS,
+                            generator=torch.Generator().manual_seed(seed))
+    target = torch.tensor(TOP[:2], dtype=F64)
+    assert bool(((result.eigenvalues - target).abs() <= 1e-8 * target.abs()).all()), \
+        f"seed {seed}: LM k=2 warm-started with one exact column gave {result.eigenvalues.tolist()} " \
+        f"(converged={result.converged}); expected {target.tolist()}"
+
+
+def test_init_with_fewer_columns_than_k(matrix):
+    first = top_eigenpairs(DenseOperator(matrix), 1, tol=TOL, generator=torch.Generator().manual_seed(4))
+    result = top_eigenpairs(DenseOperator(matrix), 2, tol=TOL, init=first.eigenvectors[:, 0],
+                            generator=torch.Generator().manual_seed(5), block_size=4)
+    _check_result(matrix, result, 2, "LM", TOL, 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# argument errors
+@pytest.mark.parametrize("kwargs,name", [
+    pytest.param({"k": 0}, "k", id="k=0"),
+    pytest.param({"k": N}, "k", id="k=n"),
+    pytest.param({"k": N + 3}, "k", id="k>n"),
+    pytest.param({"k": 1.0}, "k", id="k-float"),
+    pytest.param({"which": "XX"}, "which", id="which=XX"),
+    pytest.param({"which": "lm"}, "which", id="which-lowercase"),
+    pytest.param({"tol": 0.0}, "tol", id="tol=0"),
+    pytest.param({"tol": -1e-8}, "tol", id="tol<0"),
+    pytest.param({"max_iters": -1}, "max_iters", id="max_iters<0"),
+    pytest.param({"block_size": 1}, "block_size", id="block_size<k"),
+    pytest.param({"init": torch.zeros(N - 1, 2, dtype=F64)}, "init", id="init-(n-1,2)"),
+    pytest.param({"init": torch.zeros(N - 1, dtype=F64)}, "init", id="init-(n-1,)"),
+    pytest.param({"init": torch.zeros(N, 2, 1, dtype=F64)}, "init", id="init-3d"),
+    pytest.param({"init": torch.ones(N, 2, dtype=F64)}, "init", id="init-rank1"),
+    pytest.param({"init": torch.tensor(1.0, dtype=F64)}, "init", id="init-0d"),
+])
+def test_bad_arguments_raise_naming_the_argument(matrix, kwargs, name):
+    args = {"k": 2, **kwargs}
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        top_eigenpairs(DenseOperator(matrix), args.pop("k"), **args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the seed library's helpers on the tiny MLP
+def _lm_eigh(M: torch.Tensor, n: int):
+    vals, vecs = torch.linalg.eigh(M)
+    order = torch.argsort(vals.abs(), descending=True)
+    return vals[order], vecs[:, order]
+
+
+@pytest.fixture(scope="module")
+def tiny_loss(tiny_problem_shared):
+    return LossFunction(tiny_problem_shared.dataset, nn.CrossEntropyLoss(), tiny_problem_shared.net, batch_size=5,
+                        hvp_chunk_size=16)
+
+
+@pytest.mark.parametrize("helper", ["hessian", "g", "h"])
+def test_seed_helpers_match_eigh_of_dense_references(helper, tiny_loss, tiny_problem_shared, dense_hessian,
+                                                     dense_gauss_newton):
+    fn, M = {"hessian": (loss_hessian_eigenvector, dense_hessian),
+             "g": (g_eigenvector, dense_gauss_newton),
+             "h": (h_eigenvector, dense_hessian - dense_gauss_newton)}[helper]
+    n = 3
+    torch.manual_seed(0)
+    vals, vecs = fn(tiny_loss, tiny_problem_shared.theta, n=n)
+    ref_vals, ref_vecs = _lm_eigh(M, n)
+    # The comparison of vectors needs each wanted eigenvalue separated from the rest of the spectrum.
+    gaps = [min(abs(float(ref_vals[i] - ref_vals[j])) for j in range(M.shape[0]) if j != i) for i in range(n)]
+    assert min(gaps) > 1e-3 * float(ref_vals[0].abs()), f"{helper}: test data has a near-degenerate top: " \
+                                                         f"{ref_vals[:n + 1].tolist()}"
+    assert vals.shape == (n,) and vecs.shape == (M.shape[0], n)
+    rel = (vals - ref_vals[:n]).abs() / ref_vals[:n].abs()
+    assert bool((rel <= 1e-8).all()), \
+        f"{helper}: eigenvalues {vals.tolist()} vs eigh {ref_vals[:n].tolist()}; relative errors {rel.tolist()}"
+    cos = (vecs.T @ ref_vecs[:, :n]).diagonal().abs()
+    # sin(angle) <= residual / gap, and the default tolerance is sqrt(eps) ~ 1.5e-8 relative.
+    assert bool((cos >= 1 - 1e-6).all()), f"{helper}: |cos| between eigenvectors and eigh's: {cos.tolist()}"
+    res = _residuals(M, vals, vecs)
+    bound = 1.5e-8 * torch.maximum(vals.abs(), 1e-3 * vals.abs().max()) + 1e-13 * float(M.abs().max())
+    assert bool((res <= bound).all()), f"{helper}: residuals {res.tolist()} vs bound {bound.tolist()}"

@@ -1,0 +1,299 @@
+"""Solver steps against independent references: torch.optim.SGD, closed forms from dense eigensystems, and the
+exact flow of a quadratic loss."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import exponential_euler_solver as euler
+from exponential_euler_solver.errors import NonFiniteError, StepRejectedError
+
+
+# -- problems ------------------------------------------------------------------------------------------------
+class _Vector(torch.nn.Module):
+    """A 'network' whose output for every example is its parameter vector."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], -1)
+
+
+def quadratic_problem(eigvals, seed=0):
+    """L(theta) = 1/2 (theta - theta*)^T A (theta - theta*) with A = Q diag(eigvals) Q^T."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigvals)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor(eigvals, dtype=torch.float64)) @ Q.T
+    A = (A + A.T) / 2
+    target = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def criterion(out, _y):
+        d = out - target
+        return 0.5 * ((d @ A) * d).sum(-1)  # one loss per example
+
+    ds = TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
+    loss = euler.LossFunction(ds, criterion, _Vector(n))
+    theta0 = target + torch.randn(n, generator=g, dtype=torch.float64)
+    return loss, A, target, theta0
+
+
+def exact_flow(A, target, theta0, t):
+    return target + torch.linalg.matrix_exp(-t * A) @ (theta0 - target)
+
+
+@pytest.fixture
+def mlp_problem():
+    torch.manual_seed(0)
+    X = torch.randn(20, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    loss = euler.LossFunction(TensorDataset(X, y), torch.nn.CrossEntropyLoss(), net)
+    params = loss.initialize_parameters(dtype=torch.float64)
+    return loss, params
+
+
+def dense_hessian(loss, params):
+    return euler.HessianOperator(loss, params).to_dense()
+
+
+def by_magnitude(H):
+    vals, vecs = torch.linalg.eigh(H)
+    order = torch.argsort(vals.abs(), descending=True)
+    return vals[order], vecs[:, order]
+
+
+# -- single steps against references ---------------------------------------------------------------------------
+def sgd_step(loss, params, lr):
+    p = params.clone().requires_grad_(True)
+    opt = torch.optim.SGD([p], lr=lr)
+    opt.zero_grad()
+    p.grad = loss.gradient(p.detach())[1]
+    opt.step()
+    return p.detach()
+
+
+def test_gradient_descent_step_equals_sgd(mlp_problem):
+    loss, params = mlp_problem
+    expected = sgd_step(loss, params, 0.3)
+    p = params.clone()
+    report = euler.GradientDescent(p, loss, 0.3).step()
+    assert torch.allclose(p, expected, rtol=0, atol=1e-14), (p - expected).abs().max()
+    assert report.dt == 0.3 and report.t == 0.3 and report.n_grad == 2 and report.n_hvp == 0
+
+
+def test_adaptive_step_equals_sgd_at_capped_lr(mlp_problem):
+    loss, params = mlp_problem
+    lam1 = by_magnitude(dense_hessian(loss, params))[0][0].item()
+    lr = 10.0  # far above 1/|lambda_1|: the cap decides
+    expected = sgd_step(loss, params, min(lr, 1 / abs(lam1)))
+    p = params.clone()
+    solver = euler.AdaptiveGradientDescent(p, loss, lr, rtol=None, eig_tol=1e-10, eig_max_iters=200)
+    report = solver.step()
+    assert report.sharpness == pytest.approx(abs(lam1), rel=1e-9)
+    assert report.dt == pytest.approx(1 / abs(lam1), rel=1e-9)
+    assert torch.allclose(p, expected, rtol=0, atol=1e-12), (p - expected).abs().max()
+
+
+def test_adaptive_warmup_scales_lr(mlp_problem):
+    loss, params = mlp_problem
+    p = params.clone()
+    solver = euler.AdaptiveGradientDescent(p, loss, 0.01, warmup_iters=2, warmup_factor=0.1, rtol=None)
+    dts = [solver.step().dt for _ in range(3)]
+    assert dts[0] == pytest.approx(0.001) and dts[1] == pytest.approx(0.001)
+    assert dts[2] == pytest.approx(min(0.01, 1 / solver.sharpness))
+
+
+def test_exponential_euler_step_equals_closed_form(mlp_problem):
+    loss, params = mlp_problem
+    k = 2
+    vals, vecs = by_magnitude(dense_hessian(loss, params))
+    g = loss.gradient(params)[1]
+    dt = min(1.0, 1 / abs(vals[k].item()))
+    expected = params - dt * g
+    for i in range(k):
+        lam, v = vals[i], vecs[:, i]
+        h = min(dt, (-torch.expm1(-lam * dt) / lam).item())
+        expected = expected + (dt - h) * (v @ g) * v
+    p = params.clone()
+    solver = euler.ExponentialEulerSolver(p, loss, 1.0, k, rtol=None, monotone=False, eig_tol=1e-10,
+                                          eig_max_iters=200)
+    report = solver.step()
+    assert torch.allclose(report.eigvals, vals[:k + 1], rtol=1e-8), (report.eigvals, vals[:k + 1])
+    assert report.dt == pytest.approx(dt, rel=1e-9)
+    assert torch.allclose(p, expected, rtol=0, atol=1e-10), (p - expected).abs().max()
+
+
+@pytest.mark.parametrize("max_step", [0.05, 1.0, 30.0])
+def test_exponential_euler_is_exact_on_a_quadratic(max_step):
+    # A's positive spectrum is covered by the stiff directions; the rest of A is zero, so every step size is exact.
+    eigvals = [50.0, 7.0, 2.0] + [0.0] * 7
+    loss, A, target, theta0 = quadratic_problem(eigvals)
+    p = theta0.clone()
+    solver = euler.ExponentialEulerSolver(p, loss, max_step, 3, eig_tol=1e-12, eig_max_iters=300)
+    for _ in range(4):
+        report = solver.step()
+        ref = exact_flow(A, target, theta0, report.t)
+        err = (p - ref).norm().item()
+        assert err < 1e-10, (report.t, err)
+    assert report.t == pytest.approx(4 * max_step)
+
+
+def test_loss_is_monotone_and_flow_time_accumulates(mlp_problem):
+    loss, params = mlp_problem
+    solver = euler.ExponentialEulerSolver(params.clone(), loss, 0.5, 2)
+    losses, t = [], 0.0
+    for _ in range(15):
+        r = solver.step()
+        t += r.dt
+        assert r.t == pytest.approx(t, rel=1e-15)
+        losses.append(r.loss)
+        assert r.new_loss < r.loss
+    assert all(a > b for a, b in zip(losses, losses[1:])), losses
+
+
+# -- accept / reject ---------------------------------------------------------------------------------------------
+def test_rejection_happens_and_recovers():
+    # A stiff quadratic: with stiff_dim 1 and a huge max step, plain Euler in the second direction overshoots
+    # when its curvature is underestimated; the solver must reject and shrink, then keep the loss falling.
+    loss, A, target, theta0 = quadratic_problem([100.0, 40.0, 1.0, 0.5])
+    p = theta0.clone()
+    solver = euler.GradientDescent(p, loss, 0.1, monotone=True)  # 0.1 * 100 = 10 > 2: unstable
+    reports = [solver.step() for _ in range(5)]
+    assert reports[0].rejections >= 1, reports[0]
+    assert all(r.new_loss < r.loss for r in reports)
+    assert reports[0].dt < 0.02 + 1e-12
+
+
+def test_error_control_shrinks_the_step_without_new_hvps(mlp_problem):
+    loss, params = mlp_problem
+    solver = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 1, rtol=1e-4)
+    r = solver.step()
+    assert r.error_ratio <= 1
+    # The first step must have been rejected at least once (the plain rule takes dt = 1/|lambda_2|).
+    assert r.rejections >= 1
+    plain = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 1, rtol=None)
+    rp = plain.step()
+    assert r.dt < rp.dt
+    # Retries reuse the eigenpairs: the HVP count equals the one of the plain solver's single proposal.
+    assert r.n_hvp == rp.n_hvp
+    assert r.n_grad == 1 + 1 + r.rejections
+
+
+def test_nan_network_raises_library_error():
+    class NaNNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x) * float("nan")
+
+    ds = TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    loss = euler.LossFunction(ds, torch.nn.CrossEntropyLoss(), NaNNet())
+    p = loss.initialize_parameters(device="cpu")
+    with pytest.raises(NonFiniteError) as info:
+        euler.GradientDescent(p, loss, 0.1).step()
+    assert info.value.step == 0 and info.value.t == 0.0
+
+
+def test_no_decrease_possible_raises_after_bounded_rejections():
+    class Blowup(torch.nn.Module):
+        """Finite at the start, NaN anywhere else: no step can be accepted."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            start = torch.tensor([0.25, -0.5])
+            moved = (self.w - start).abs().sum()
+            return x * self.w + torch.where(moved > 0, float("nan"), 0.0)
+
+    ds = TensorDataset(torch.ones(4, 2), torch.zeros(4, 2))
+    loss = euler.LossFunction(ds, torch.nn.MSELoss(), Blowup())
+    p = torch.tensor([0.25, -0.5])
+    solver = euler.GradientDescent(p, loss, 0.1, monotone=True, max_rejections=5)
+    with pytest.raises(StepRejectedError) as info:
+        solver.step()
+    assert len(info.value.losses) == 5 and info.value.step == 0
+    assert torch.equal(p, torch.tensor([0.25, -0.5]))  # nothing was accepted
+
+
+# -- reference integrator ----------------------------------------------------------------------------------------
+def test_rk4_has_order_four_on_a_quadratic():
+    loss, A, target, theta0 = quadratic_problem([3.0, 2.0, 1.0, 0.5])
+    T = 0.8
+    errors = []
+    for n in (8, 16, 32):
+        p = theta0.clone()
+        solver = euler.RungeKutta4Solver(p, loss, T / n, alpha=10.0)
+        for _ in range(n):
+            solver.step()
+        errors.append((p - exact_flow(A, target, theta0, T)).norm().item())
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(14 < r < 18.5 for r in ratios), (errors, ratios)
+
+
+def test_error_scales_with_rtol(mlp_problem):
+    # Against a fine RK4 reference at the same final time, the error of the controlled solver falls with rtol.
+    loss, params = mlp_problem
+    T = 2.0
+    ref = params.clone()
+    rk = euler.RungeKutta4Solver(ref, loss, 0.01, alpha=0.5)
+    while rk.t < T - 1e-12:
+        rk.max_step_size = min(0.01, T - rk.t)
+        rk.step()
+    errors = []
+    for rtol in (0.1, 0.01):
+        p = params.clone()
+        s = euler.AdaptiveGradientDescent(p, loss, 0.5, rtol=rtol)
+        while s.t < T - 1e-12:
+            s.lr = min(0.5, T - s.t)
+            s.step()
+        errors.append(((p - ref).norm() / (ref - params).norm()).item())
+    assert errors[1] < errors[0] / 3, errors
+
+
+# -- validation ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_step_size=0.0, stiff_dim=1), "max_step_size"),
+    (dict(max_step_size=0.1, stiff_dim=0), "stiff_dim"),
+    (dict(max_step_size=0.1, stiff_dim=10_000), "stiff_dim"),
+    (dict(max_step_size=0.1, stiff_dim=1, warmup_iters=-1), "warmup_iters"),
+    (dict(max_step_size=0.1, stiff_dim=1, warmup_factor=0), "warmup_factor"),
+    (dict(max_step_size=0.1, stiff_dim=1, rtol=-1.0), "rtol"),
+])
+def test_bad_arguments_name_the_argument(mlp_problem, kwargs, match):
+    loss, params = mlp_problem
+    with pytest.raises(ValueError, match=match) as info:
+        euler.ExponentialEulerSolver(params.clone(), loss, **kwargs)
+    assert "got" in str(info.value)
+
+
+def test_params_checked_at_construction(mlp_problem):
+    loss, params = mlp_problem
+    with pytest.raises(ValueError, match="params"):
+        euler.AdaptiveGradientDescent(params[:-1].clone(), loss, 0.1)
+    with pytest.raises(ValueError, match="dtype"):
+        euler.AdaptiveGradientDescent(params.float(), loss, 0.1)
+    with pytest.raises(ValueError, match="lr"):
+        euler.GradientDescent(params.clone(), loss, -0.1)
+
+
+def test_state_dict_roundtrip_continues_identically(mlp_problem):
+    loss, params = mlp_problem
+    a = euler.ExponentialEulerSolver(params.clone(), loss, 0.5, 2)
+    for _ in range(3):
+        a.step()
+    state = a.state_dict()
+    b = euler.ExponentialEulerSolver(params.clone(), loss, 0.5, 2)
+    b.load_state_dict(state)
+    for _ in range(3):
+        ra, rb = a.step(), b.step()
+        assert ra.loss == rb.loss and ra.dt == rb.dt and ra.t == rb.t
+    assert torch.equal(a.params, b.params)
