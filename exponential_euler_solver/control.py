@@ -18,7 +18,7 @@ SAFETY = 0.9          # aim a little below the tolerance
 MAX_GROWTH = 2.0      # largest factor by which dt may grow from one step to the next
 MIN_SHRINK = 0.2      # smallest factor by which a rejection shrinks dt
 FAILURE_SHRINK = 0.5  # factor applied when the loss rose or was not finite and no error ratio says more
-DEFAULT_RTOL = 0.05   # default relative local error per step (see the fidelity table in the README)
+DEFAULT_RTOL = 0.2    # default relative error estimate per step (see the fidelity table in the README)
 
 
 @dataclass

@@ -115,15 +115,13 @@ def _select(values: Tensor, k: int, which: str) -> Tensor:
     return order[:k]
 
 
-def _rayleigh_ritz(S: Tensor, AS: Tensor, k: int, which: str):
-    """Ritz pairs of the pencil (S^T A S, S^T S) in float64; returns values and coefficient matrices."""
-    A_ = _gram(S, AS)
-    A_ = (A_ + A_.T) / 2
-    T = _whitener(_gram(S, S), S.dtype)  # robust when S is nearly dependent
-    C = T.T @ A_ @ T
-    C = (C + C.T) / 2
-    values, Z = torch.linalg.eigh(C)
-    idx = _select(values, k, which)
+def _rayleigh_ritz(M: Tensor, K: Tensor, b: int, which: str, dtype: torch.dtype):
+    """Ritz pairs of the pencil ``(K, M) = (S^T A S, S^T S)`` (float64), whitening ``M`` by its eigendecomposition
+    so a nearly dependent basis is handled; returns the ``b`` selected values and coefficient matrix."""
+    T = _whitener(M, dtype)
+    C = T.T @ ((K + K.T) / 2) @ T
+    values, Z = torch.linalg.eigh((C + C.T) / 2)
+    idx = _select(values, b, which)
     return values[idx], T @ Z[:, idx]
 
 
@@ -198,7 +196,8 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     AX = operator.matmat(X)
     products += X.shape[1]
     b = X.shape[1]
-    theta, Y = _rayleigh_ritz(X, AX, b, which)
+    G = _gram(X, torch.cat([X, AX], 1))
+    theta, Y = _rayleigh_ritz(G[:, :b], G[:, b:], b, which, dtype)
     X, AX = _apply(X, Y), _apply(AX, Y)
     P = AP = None
     iters = 0
@@ -209,23 +208,23 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
         if not bool(active[:k].any()) or iters >= max_iters:
             break
         iters += 1
-        W = _orthonormalize(R[:, active], against=X)
-        if W.shape[1] == 0:
-            break
+        # Residuals are orthogonal to the Ritz vectors; normalised, they need no further orthogonalisation:
+        # the Rayleigh-Ritz below whitens the whole basis with its float64 Gram matrix.
+        W = R[:, active] / rnorm[active].to(dtype)
         AW = operator.matmat(W)
         products += W.shape[1]
-        if P is None:
-            S, AS = torch.cat([X, W], 1), torch.cat([AX, AW], 1)
-        else:
-            S, AS = torch.cat([X, W, P], 1), torch.cat([AX, AW, AP], 1)
-        theta, Y = _rayleigh_ritz(S, AS, b, which)
+        S = torch.cat([X, W] if P is None else [X, W, P], 1)
+        AS = torch.cat([AX, AW] if P is None else [AX, AW, AP], 1)
+        m = S.shape[1]
+        G = _gram(S, torch.cat([S, AS], 1))  # S^T S and S^T A S in one pass over the tall blocks
+        M = G[:, :m]
+        theta, Y = _rayleigh_ritz(M, G[:, m:], b, which, dtype)
         Yp = Y.clone()
         Yp[:b] = 0  # the new search directions: the part of the update outside the old X
+        # P's Gram matrix follows from M; whitening it keeps P well conditioned (AP transformed alike).
+        Yp = Yp @ _whitener(Yp.T @ M @ Yp, dtype)
         X, AX = _apply(S, Y), _apply(AS, Y)
         P, AP = _apply(S, Yp), _apply(AS, Yp)
-        # Keep P well conditioned; AP follows with the same transformation.
-        T = _whitener(_gram(P, P), P.dtype)
-        P, AP = _apply(P, T), _apply(AP, T)
 
     # Keep the k wanted pairs; X's columns are orthonormal up to rounding in the operator's dtype.
     theta, X, AX = theta[:k], X[:, :k], AX[:, :k]

@@ -181,7 +181,8 @@ def test_error_control_shrinks_the_step_without_new_hvps(mlp_problem):
     assert r.dt < rp.dt
     # Retries reuse the eigenpairs: the HVP count equals the one of the plain solver's single proposal.
     assert r.n_hvp == rp.n_hvp
-    assert r.n_grad == 1 + 1 + r.rejections
+    # One evaluation at the start, then two per proposal (the corrector's stage and the candidate).
+    assert solver.corrector and r.n_grad == 1 + 2 * (1 + r.rejections)
 
 
 def test_nan_network_raises_library_error():
@@ -297,3 +298,25 @@ def test_state_dict_roundtrip_continues_identically(mlp_problem):
         ra, rb = a.step(), b.step()
         assert ra.loss == rb.loss and ra.dt == rb.dt and ra.t == rb.t
     assert torch.equal(a.params, b.params)
+
+
+# -- the corrector: second order ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda p, loss, h: euler.GradientDescent(p, loss, h, corrector=True),
+    lambda p, loss, h: euler.ExponentialEulerSolver(p, loss, h, 1, rtol=None, corrector=True, eig_tol=1e-12,
+                                                    eig_max_iters=300),
+], ids=["heun", "exponential-heun"])
+def test_corrector_has_order_two(make):
+    # The first direction is stiff (exactly integrated by the exponential solver); the others are not.
+    loss, A, target, theta0 = quadratic_problem([40.0, 3.0, 2.0, 1.0])
+    T = 0.4
+    ref = exact_flow(A, target, theta0, T)
+    errors = []
+    for n in (20, 40, 80):
+        p = theta0.clone()
+        solver = make(p, loss, T / n)
+        for _ in range(n):
+            solver.step()
+        errors.append((p - ref).norm().item())
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(3.3 < r < 4.8 for r in ratios), (errors, ratios)

@@ -274,11 +274,18 @@ def benchmark_record(results: Sequence[RunResult], args: argparse.Namespace,
     })
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a temporary file in its folder: write, flush, fsync, then ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it an ordinary file's mode
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -303,7 +310,7 @@ def write_json(path: str, record: dict) -> None:
 def write_plot(path: str, results: Sequence[RunResult]) -> None:
     """A PNG with two panels against flow time: the loss (log scale) and the tracked ``|lambda_1|``.
 
-    One line per run: colour per grid point, line style per solver. The loss is drawn at ``t = 0`` and at the
+    One line per run: its own colour, line style and marker per solver. The loss is drawn at ``t = 0`` and at the
     end of every step; ``|lambda_1|`` (``|eigvals[0]|`` for exponential Euler, the sharpness for adaptive
     gradient descent) at the start of the step that used it. Rendered with the Agg backend, written atomically.
 
@@ -316,34 +323,34 @@ def write_plot(path: str, results: Sequence[RunResult]) -> None:
     except ImportError as exc:
         raise ImportError(PLOT_MISSING) from exc
 
-    styles = ["-", "--", ":", "-."]
+    styles = [("-", "o"), ("--", "x"), (":", "s"), ("-.", "^")]
     solver_style = {name: styles[i % len(styles)] for i, name in enumerate(SOLVERS)}
-    points = list(dict.fromkeys((r.n_train, r.n_classes, r.seed) for r in results))
+    several_seeds = len({r.seed for r in results}) > 1
     fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
     ax_loss, ax_curv = fig.subplots(1, 2)
-    for r in results:
+    for i, r in enumerate(results):
         if not r.history:
             continue
-        color = f"C{points.index((r.n_train, r.n_classes, r.seed)) % 10}"
-        label = f"{r.label}, n={r.n_train}, C={r.n_classes}" + (f", seed={r.seed}" if len(
-            {p[2] for p in points}) > 1 else "")
-        kw = dict(color=color, linestyle=solver_style.get(r.solver, "-"), label=label)
+        linestyle, marker = solver_style.get(r.solver, ("-", "."))
+        label = f"{r.label}, n={r.n_train}, C={r.n_classes}" + (f", seed={r.seed}" if several_seeds else "")
+        kw = dict(color=f"C{i % 10}", linestyle=linestyle, marker=marker, markersize=3, markerfacecolor="none",
+                  linewidth=1.2, label=label)
         ax_loss.plot([0.0] + [h.t for h in r.history], [r.history[0].loss] + [h.new_loss for h in r.history],
-                     marker=".", markersize=3, **kw)
+                     **kw)
         curv = [(h.t_start, h.top_curvature) for h in r.history if h.top_curvature is not None]
         if curv:
-            ax_curv.plot(*zip(*curv), marker=".", markersize=3, **kw)
+            ax_curv.plot(*zip(*curv), **kw)
     if results:
         ax_loss.axhline(results[0].target, color="0.5", linewidth=0.8, linestyle=":", label="target")
     ax_loss.set(yscale="log", xlabel="flow time t", ylabel="training loss", title="Loss")
     ax_curv.set(yscale="log", xlabel="flow time t", ylabel=r"$|\lambda_1|$",
-                title=r"Tracked top Hessian eigenvalue magnitude")
+                title="Tracked top Hessian eigenvalue magnitude")
     for ax in (ax_loss, ax_curv):
         ax.grid(True, which="major", alpha=0.3)
     ax_loss.legend(fontsize="small")
-    _write_atomically(path, lambda fh: fig.savefig(fh, format="png", dpi=120,
-                                                        bbox_inches="tight"))
+    ax_curv.legend(fontsize="small")
+    _write_atomically(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from ..solvers import AdaptiveGradientDescent, ExponentialEulerSolver, Solver, S
 from .datasets import N_FEATURES, select_subset
 
 __all__ = [
-    "HIDDEN_WIDTH", "N_HIDDEN_BLOCKS", "DEFAULT_MAX_STEPS", "DataError", "SolverSpec", "SOLVERS", "Problem", "StepRecord",
-    "RunResult", "build_network", "build_problem", "run_solver", "run_grid", "crossing_time",
+    "HIDDEN_WIDTH", "N_HIDDEN_BLOCKS", "DEFAULT_MAX_STEPS", "DataError", "SolverSpec", "SOLVERS", "Problem",
+    "StepRecord", "RunResult", "build_network", "build_problem", "run_solver", "run_grid", "crossing_time",
 ]
 
 HIDDEN_WIDTH = 512

@@ -91,6 +91,17 @@ class ExponentialEulerSolver(EigenSolverBase):
         predicted = g - V @ ((1 - keep) * c).to(g.dtype)
         return Proposal(delta=delta, predicted_gradient=predicted)
 
+    def _mismatch_weights(self, dt: float, proposal: Proposal, mismatch: Tensor) -> Tensor:
+        # Along exponentially integrated directions a mismatch growing linearly in time, r s/dt, is propagated by
+        # exp(-lambda (dt - s)): integral = (lambda dt - 1 + exp(-lambda dt)) / (lambda^2 dt) instead of dt/2.
+        lam = self.tracker.values[:self.stiff_dim]
+        V = self.tracker.vectors[:, :self.stiff_dim]
+        r = _gram(V, mismatch.unsqueeze(1))[:, 0]
+        x = lam * dt
+        psi = torch.where(lam > 0, (x + torch.expm1(-x)) / (lam * x).clamp_min(1e-300),
+                          torch.full_like(lam, dt / 2))
+        return -(dt / 2) * mismatch + V @ ((dt / 2 - psi) * r).to(mismatch.dtype)
+
     def _report_extras(self) -> dict:
         extras = {"eigvals": self.tracker.values.clone()}
         if self.report_eigvecs:
