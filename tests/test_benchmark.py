@@ -127,7 +127,7 @@ def test_network_is_the_seeds():
 
 def _record(step, t_start, t, loss, new_loss):
     return StepRecord(step=step, t_start=t_start, t=t, dt=t - t_start, loss=loss, new_loss=new_loss,
-                      eigvals=None, sharpness=1.0, n_grad=step + 1, n_hvp=step, rejections=0)
+                      eigvals=None, sharpness=1.0, n_grad=step + 1, n_hvp=step, rejections=0, eig_refreshed=True)
 
 
 def test_crossing_time_interpolates_log_loss():
@@ -237,6 +237,8 @@ def test_tiny_grid_json_is_consistent(tiny_run):
         assert run["hvp_per_step"] == run["n_hvp"] / run["steps"]
         assert all(a["n_hvp"] <= b["n_hvp"] for a, b in zip(hist, hist[1:])), where
         assert all(a["n_grad"] < b["n_grad"] for a, b in zip(hist, hist[1:])), where
+        assert hist[0]["eig_refreshed"] and hist[0]["n_hvp"] > 0, where
+        assert all(b["eig_refreshed"] == (b["n_hvp"] > a["n_hvp"]) for a, b in zip(hist, hist[1:])), where
         assert [h["step"] for h in hist] == list(range(len(hist)))
         assert hist[0]["t_start"] == 0.0
         assert all(a["t"] == b["t_start"] and a["new_loss"] == b["loss"] for a, b in zip(hist, hist[1:]))

@@ -312,7 +312,8 @@ def write_plot(path: str, results: Sequence[RunResult]) -> None:
 
     One line per run: its own colour, line style and marker per solver. The loss is drawn at ``t = 0`` and at the
     end of every step; ``|lambda_1|`` (``|eigvals[0]|`` for exponential Euler, the sharpness for adaptive
-    gradient descent) at the start of the step that used it. Rendered with the Agg backend, written atomically.
+    gradient descent) where it was computed: at the start of each step that refreshed the eigenpairs (steps
+    that reuse older ones are skipped). Rendered with the Agg backend, written atomically.
 
     Raises:
         ImportError: matplotlib is missing (message: how to install it).
@@ -338,14 +339,15 @@ def write_plot(path: str, results: Sequence[RunResult]) -> None:
                   linewidth=1.2, label=label)
         ax_loss.plot([0.0] + [h.t for h in r.history], [r.history[0].loss] + [h.new_loss for h in r.history],
                      **kw)
-        curv = [(h.t_start, h.top_curvature) for h in r.history if h.top_curvature is not None]
+        curv = [(h.t_start, h.top_curvature) for h in r.history
+                if h.eig_refreshed and h.top_curvature is not None]
         if curv:
             ax_curv.plot(*zip(*curv), **kw)
     if results:
         ax_loss.axhline(results[0].target, color="0.5", linewidth=0.8, linestyle=":", label="target")
     ax_loss.set(yscale="log", xlabel="flow time t", ylabel="training loss", title="Loss")
     ax_curv.set(yscale="log", xlabel="flow time t", ylabel=r"$|\lambda_1|$",
-                title="Tracked top Hessian eigenvalue magnitude")
+                title="Top Hessian eigenvalue magnitude, at each refresh")
     for ax in (ax_loss, ax_curv):
         ax.grid(True, which="major", alpha=0.3)
     ax_loss.legend(fontsize="small")

@@ -125,8 +125,10 @@ class StepRecord:
 
     ``t_start`` is the flow time at the start of the step (the previous step's ``t``, i.e. ``t - dt`` without
     rounding). ``eigvals`` are the eigenvalues the step used (exponential Euler), ``sharpness`` the tracked
-    ``|lambda_1|`` (adaptive gradient descent); the other is None. ``n_grad`` and ``n_hvp`` are cumulative,
-    ``rejections`` counts this step's rejected proposals.
+    ``|lambda_1|`` (adaptive gradient descent); the other is None. Solvers may reuse eigenpairs for several
+    steps; ``eig_refreshed`` says whether this step computed them anew (it made Hessian-vector products), so
+    they belong to its starting point. ``n_grad`` and ``n_hvp`` are cumulative, ``rejections`` counts this
+    step's rejected proposals.
     """
 
     step: int
@@ -140,14 +142,18 @@ class StepRecord:
     n_grad: int
     n_hvp: int
     rejections: int
+    eig_refreshed: bool
 
     @classmethod
-    def from_report(cls, report: StepReport, t_start: float) -> "StepRecord":
+    def from_report(cls, report: StepReport, t_start: float, n_hvp_before: int) -> "StepRecord":
+        """The record of ``report``, for a step that started at flow time ``t_start`` with ``n_hvp_before``
+        Hessian-vector products made so far."""
         return cls(step=report.step, t_start=t_start, t=report.t, dt=report.dt, loss=report.loss,
                    new_loss=report.new_loss,
                    eigvals=None if report.eigvals is None else [float(v) for v in report.eigvals.tolist()],
                    sharpness=None if report.sharpness is None else float(report.sharpness),
-                   n_grad=report.n_grad, n_hvp=report.n_hvp, rejections=report.rejections)
+                   n_grad=report.n_grad, n_hvp=report.n_hvp, rejections=report.rejections,
+                   eig_refreshed=report.n_hvp > n_hvp_before)
 
     @property
     def top_curvature(self) -> Optional[float]:
@@ -263,7 +269,7 @@ def run_solver(problem: Problem, solver: str, target: float, *, max_steps: int =
             except SolverError as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 break
-            history.append(StepRecord.from_report(report, t_prev))
+            history.append(StepRecord.from_report(report, t_prev, history[-1].n_hvp if history else 0))
             t_prev = report.t
             loss = report.loss
             bar.set_postfix({"step": report.step, "loss": f"{report.new_loss:.4g}", "t": f"{report.t:.4g}",

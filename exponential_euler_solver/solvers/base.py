@@ -39,6 +39,8 @@ class StepReport:
         eigvals: float64 eigenvalues used by the step (ExponentialEulerSolver), else None.
         gradient: the gradient at the start of the step, when ``report_gradient=True``.
         eigvecs: the eigenvectors used, when ``report_eigvecs=True``.
+        eig_age: accepted steps since the eigenpairs used were computed (0: computed for this step), for the
+            solvers that track eigenpairs.
     """
 
     step: int
@@ -55,6 +57,7 @@ class StepReport:
     eigvals: Optional[Tensor] = None
     gradient: Optional[Tensor] = None
     eigvecs: Optional[Tensor] = None
+    eig_age: Optional[int] = None
 
 
 @dataclass

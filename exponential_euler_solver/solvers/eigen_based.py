@@ -58,6 +58,7 @@ class EigenSolverBase(Solver):
 
     def step(self):
         report = super().step()
+        report.eig_age = self.tracker.age
         self.tracker.age += 1
         return report
 
