@@ -7,6 +7,8 @@ from .errors import CheckpointError, NonFiniteError, SolverError, StepRejectedEr
 from .loss import LossFunction
 from .solvers import (AdaptiveGradientDescent, ExponentialEulerSolver, GradientDescent, RungeKutta4Solver,
                       Solver, StepReport)
+from .trajectory import Checkpointer, Trajectory, load_checkpoint, resume, save_checkpoint
+from .analysis import make_layerwise_jacobian_function, plot_eigenvalues, plot_loss, top_eigenvalues_along
 
 __version__ = "0.1.0"
 
@@ -17,4 +19,6 @@ __all__ = [
     "Solver", "StepReport", "GradientDescent", "AdaptiveGradientDescent", "ExponentialEulerSolver",
     "RungeKutta4Solver",
     "SolverError", "NonFiniteError", "StepRejectedError", "UnstableStepError", "CheckpointError",
+    "Trajectory", "Checkpointer", "save_checkpoint", "load_checkpoint", "resume",
+    "make_layerwise_jacobian_function", "top_eigenvalues_along", "plot_loss", "plot_eigenvalues",
 ]

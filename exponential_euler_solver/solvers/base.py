@@ -139,6 +139,11 @@ class Solver:
     def rtol(self) -> Optional[float]:
         return self.controller.rtol
 
+    @property
+    def loss_value(self) -> Optional[float]:
+        """The loss at the current parameters, once it has been evaluated (None before the first step)."""
+        return self._loss_value
+
     # -- hooks for subclasses ----------------------------------------------------------------------------------
     def _prepare(self) -> None:
         """Gather the curvature the step needs at the current point (may cost HVPs)."""

@@ -51,6 +51,13 @@ class GradientDescent(Solver):
     def _propose(self, dt: float) -> Proposal:
         return Proposal(delta=-dt * self._grad, predicted_gradient=self._grad)
 
+    def _method_state(self) -> dict:
+        return {} if self._tracker is None else {"tracker": self._tracker.state_dict()}
+
+    def _load_method_state(self, state: dict) -> None:
+        if self._tracker is not None and "tracker" in state:
+            self._tracker.load_state_dict(state["tracker"], self.params)
+
 
 class AdaptiveGradientDescent(EigenSolverBase):
     """Gradient descent with ``dt = min(s * lr, 1 / |lambda_1|)``.

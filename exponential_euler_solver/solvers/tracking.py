@@ -53,10 +53,11 @@ class EigenTracker:
                 "generator": self.generator.get_state(), "tol": self.tol, "max_iters": self.max_iters}
 
     def load_state_dict(self, state: dict, like: Tensor) -> None:
-        self.values = state["values"]
+        # On the parameters' device (a checkpoint is loaded onto the CPU); eigenvalues stay float64.
+        self.values = None if state["values"] is None else state["values"].to(like.device)
         v = state["vectors"]
         self.vectors = None if v is None else v.to(device=like.device, dtype=like.dtype)
-        self.residuals = state["residuals"]
+        self.residuals = None if state["residuals"] is None else state["residuals"].to(like.device)
         self.age = state["age"]
         self.generator.set_state(state["generator"])
         self.tol, self.max_iters = state["tol"], state["max_iters"]
