@@ -39,10 +39,18 @@ class ExponentialEulerSolver(EigenSolverBase):
     the first ``warmup_iters`` steps, else 1.
 
     Error control (``rtol``, default :data:`~exponential_euler_solver.control.DEFAULT_RTOL`): the step's model
-    predicts the new gradient ``g - sum_i (1 - p_i) c_i v_i`` with ``p_i = exp(-lambda_i dt)`` for exponential
-    directions and 1 otherwise; the local error is estimated as ``(dt/2) ||g_new - g_predicted||`` and kept below
-    ``rtol * ||theta_new - theta||`` by the controller, which may take dt below the cap above. ``rtol=None``
-    gives the plain rule. ``params`` is updated in place by ``step()``.
+    predicts the gradient at the new point, ``g_pred = g - sum_i (1 - p_i) c_i v_i`` with ``p_i = exp(-lambda_i dt)``
+    along exponentially integrated directions and 1 otherwise. With ``corrector`` (on by default with error
+    control) the gradient ``g*`` is evaluated at the plain step's point and the mismatch ``r = g* - g_pred``,
+    taken to grow linearly over the step, is integrated with the same propagators::
+
+        theta <- theta_plain - (dt/2) r + sum_i (dt/2 - psi_i) (v_i . r) v_i,
+        psi_i = (lambda_i dt - 1 + exp(-lambda_i dt)) / (lambda_i^2 dt)   (lambda_i > 0; dt/2 otherwise)
+
+    (second order); the norm of that correction is the error estimate, kept below ``rtol * ||theta_new - theta||``
+    by the controller, which may take dt below the cap above. Without the corrector the estimate is
+    ``(dt/2) ||g_new - g_pred||`` at the plain step's point. ``rtol=None`` gives the plain rule.
+    ``params`` is updated in place by ``step()``.
 
     Args:
         params: flat parameters (updated in place).

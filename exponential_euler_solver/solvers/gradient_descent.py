@@ -64,8 +64,9 @@ class AdaptiveGradientDescent(EigenSolverBase):
 
     ``lambda_1`` is the Hessian eigenvalue of largest magnitude at the current point, ``s = warmup_factor``
     during the first ``warmup_iters`` steps and 1 after. With error control (``rtol``, default
-    :data:`~exponential_euler_solver.control.DEFAULT_RTOL`) dt may be smaller still: the local error is
-    estimated as ``(dt/2) ||g(theta_new) - g(theta)||`` (Euler against Heun) and kept below
+    :data:`~exponential_euler_solver.control.DEFAULT_RTOL`) dt may be smaller still, and by default
+    (``corrector``) the step is Heun's: ``theta - (dt/2) (g + g*)`` with ``g*`` the gradient at the plain step's
+    point; the correction's norm ``(dt/2) ||g* - g||`` (Euler against Heun) is kept below
     ``rtol * ||theta_new - theta||``. ``rtol=None`` gives the plain rule. ``params`` is updated in place.
 
     Args:
