@@ -107,6 +107,8 @@ def reference_run(loss, params0: Tensor, target: float, max_step_size: float, *,
     for _ in range(max_halvings):
         alpha /= 2
         record = integrate(RungeKutta4Solver(params0.clone(), loss, max_step_size, alpha=alpha), target, times)
+        if record.crossing_time is None:
+            raise RuntimeError(f"the RK4 reference with alpha={alpha:g} never reached the target loss")
         change = abs(record.crossing_time - previous) / record.crossing_time
         if progress is not None:
             progress(f"RK4 alpha={alpha:g}: crossing {record.crossing_time:.6g} (change {change:.2e})")

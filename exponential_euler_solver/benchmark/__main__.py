@@ -4,6 +4,11 @@
 on every (n_train, n_classes, seed) of the grid with every chosen solver until the loss reaches the target,
 then prints the seed's table of wall times and a table of per-run counts. ``--json`` writes every number,
 ``--plot`` a figure of loss and tracked curvature against flow time.
+
+``--compare`` also runs the existing implementation, ``stable-solvers`` 0.1 (:mod:`.peer`), on every grid point
+and solver from the same initial parameters, and prints a table of both side by side with a floor of one
+gradient per accepted step. ``--fidelity`` integrates the flow with a converged RK4 reference per grid point and
+prints every run's crossing-time error and distance to it (:mod:`.compare`).
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ from typing import Callable, Dict, IO, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from tabulate import tabulate
+from tqdm import tqdm
 
 from .. import __version__
+from .compare import PointResult, run_points
 from .datasets import DATASETS, DEFAULT_DATASET, load_dataset
-from .runner import DEFAULT_MAX_STEPS, SOLVERS, DataError, RunResult, run_grid
+from .peer import (DEFAULT_MAX_SECONDS, HVP_COUNTING, PEER_MISSING, PEER_PACKAGE, PeerMissingError, import_peer,
+                   peer_version)
+from .runner import DEFAULT_MAX_STEPS, SOLVERS, DataError, RunResult
 
-__all__ = ["main", "build_parser", "run_benchmark", "format_tables", "benchmark_record", "write_json",
-           "write_plot"]
+__all__ = ["main", "build_parser", "run_benchmark", "run_suite", "format_tables", "format_comparison",
+           "format_fidelity", "benchmark_record", "write_json", "write_plot"]
 
 PROG = "euler-benchmark"
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -77,6 +86,16 @@ def _target(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, inf); got {text!r}")
+    return value
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -108,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype (default: float32)")
     data.add_argument("--threads", type=_positive_int, default=None,
                       help="torch.set_num_threads for the run (default: torch's choice)")
+    cmp = p.add_argument_group("comparison")
+    cmp.add_argument("--compare", action="store_true",
+                     help="also run stable-solvers 0.1 (the existing implementation) with the seed's arguments "
+                     "from the same initial parameters, and time one full-batch gradient to define a floor "
+                     "(needs the [compare] extra)")
+    cmp.add_argument("--compare-max-seconds", type=_positive_seconds, default=DEFAULT_MAX_SECONDS, metavar="S",
+                     help="seconds of stepping after which a stable-solvers run stops, not converged "
+                     f"(default: {DEFAULT_MAX_SECONDS:g})")
+    cmp.add_argument("--fidelity", action="store_true",
+                     help="integrate the flow with a converged RK4 reference (max step 0.01) per grid point and "
+                     "report each run's crossing-time error and parameter deviations from it")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None, help="write every number to this JSON file")
     out.add_argument("--plot", metavar="PATH", default=None,
@@ -144,25 +174,34 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error(PLOT_MISSING)
+    if args.compare:
+        try:
+            import_peer()
+        except PeerMissingError:
+            parser.error(PEER_MISSING)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # running
-def run_benchmark(args: Optional[argparse.Namespace] = None, **kwargs) -> List[RunResult]:
-    """Run the grid and return one :class:`~.runner.RunResult` per (n_train, n_classes, seed, solver).
+def run_suite(args: Optional[argparse.Namespace] = None, **kwargs) -> List[PointResult]:
+    """Run the grid, with the comparison and the reference when asked for, and return one
+    :class:`~.compare.PointResult` per (n_train, n_classes, seed).
 
     Args:
         args: a namespace from :func:`build_parser` (e.g. ``build_parser().parse_args([...])``), or None.
-        **kwargs: option values by their attribute names (``n_train=[16]``, ``target=0.3``, ``quiet=True``),
+        **kwargs: option values by their attribute names (``n_train=[16]``, ``target=0.3``, ``compare=True``),
             overriding ``args``; anything not given takes the command's default. Values given this way are
             checked by the runner (ValueError), not by argparse.
 
     Returns:
-        The results, in grid order. Nothing is printed or written besides the progress bars.
+        The grid points in grid order, each with this library's runs (``runs``), and with ``compare`` the
+        peer's runs and the gradient time, with ``fidelity`` the reference and each run's ``fidelity``. Nothing
+        is printed or written besides the progress bars (and the reference's refinements, unless ``quiet``).
 
     Raises:
         DataError: the dataset could not be loaded (missing CIFAR-10 folder, corrupt file) or a grid point
             does not fit it (more examples than the classes hold).
+        PeerMissingError: ``compare`` without ``stable-solvers`` installed.
         TypeError: an unknown option name.
     """
     ns = vars(build_parser().parse_args([]))
@@ -170,7 +209,7 @@ def run_benchmark(args: Optional[argparse.Namespace] = None, **kwargs) -> List[R
         ns.update(vars(args))
     unknown = sorted(set(kwargs) - set(ns))
     if unknown:
-        raise TypeError(f"run_benchmark got unknown option(s) {unknown}; known: {sorted(ns)}")
+        raise TypeError(f"unknown option(s) {unknown}; known: {sorted(ns)}")
     ns.update(kwargs)
     if ns["threads"] is not None:
         torch.set_num_threads(ns["threads"])
@@ -179,12 +218,25 @@ def run_benchmark(args: Optional[argparse.Namespace] = None, **kwargs) -> List[R
         X, y = load_dataset(ns["dataset"], ns["data_dir"])
     except (OSError, ValueError) as exc:
         raise DataError(str(exc)) from exc
+    progress = None if ns["quiet"] else (lambda line: tqdm.write(line, file=sys.stderr))
     try:
-        return run_grid(X, y, n_train=ns["n_train"], n_classes=ns["n_classes"], seeds=ns["seeds"],
-                        solvers=ns["solvers"], target=ns["target"], device=ns["device"] or _default_device(),
-                        dtype=dtype, max_steps=ns["max_steps"], quiet=ns["quiet"])
+        return run_points(X, y, n_train=ns["n_train"], n_classes=ns["n_classes"], seeds=ns["seeds"],
+                          solvers=ns["solvers"], target=ns["target"], device=ns["device"] or _default_device(),
+                          dtype=dtype, max_steps=ns["max_steps"], quiet=ns["quiet"], compare=ns["compare"],
+                          compare_max_seconds=ns["compare_max_seconds"], fidelity=ns["fidelity"],
+                          progress=progress)
     except DataError as exc:
         raise DataError(f"dataset {ns['dataset']!r}: {exc}") from exc
+
+
+def run_benchmark(args: Optional[argparse.Namespace] = None, **kwargs) -> List[RunResult]:
+    """Run the grid and return one :class:`~.runner.RunResult` per (n_train, n_classes, seed, solver) of this
+    library: :func:`run_suite`'s ``runs``, flattened (the peer's runs and the references are left out; use
+    :func:`run_suite` for them).
+
+    Args, Raises: as :func:`run_suite`.
+    """
+    return [run for point in run_suite(args, **kwargs) for run in point.runs]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -235,6 +287,116 @@ def format_tables(results: Sequence[RunResult], tablefmt: str = "simple") -> str
     return "\n".join(parts)
 
 
+COMPARE_HEADERS = ("# Train", "# Classes", "Seed", "Solver", "Implementation", "Steps", "Gradient evals", "HVPs",
+                   "HVPs/step", "Wall time (s)", "Peer/ours wall", "Floor (s)", "Wall/floor", "Flow time at target",
+                   "Monotone")
+
+
+def _pairs(points: Sequence[PointResult]):
+    """(point, our run, the peer's run) for every run of ours that has a peer run."""
+    for point in points:
+        for run in point.runs:
+            peer = point.peer_of(run)
+            if peer is not None:
+                yield point, run, peer
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _stopped(r: RunResult) -> str:
+    if r.error:
+        return r.error
+    if r.stop_reason == "max_seconds":
+        return "stopped by --compare-max-seconds"
+    return f"stopped after --max-steps {r.steps} steps"
+
+
+def format_comparison(points: Sequence[PointResult], tablefmt: str = "simple") -> str:
+    """The table of this library against the peer: two rows per grid point and solver (``ours``, then the peer).
+
+    ``Peer/ours wall`` (peer row) is the peer's wall time over ours; ``Floor (s)`` (our row) is our accepted
+    steps times the median time of one full-batch gradient, and ``Wall/floor`` our wall time over it. A wall
+    time marked ``*`` belongs to a run that did not reach the target. Notes below say how the peer's counts were
+    taken and the gradient time of each grid point.
+    """
+    rows, failed = [], []
+    for point, ours, peer in _pairs(points):
+        floor = point.floor(ours)
+        for r in (ours, peer):
+            is_ours = r is ours
+            rows.append([r.n_train, r.n_classes, r.seed, r.label, r.implementation, r.steps,
+                         r.n_grad, r.n_hvp, _fmt(r.hvp_per_step, ".1f"), _time_cell(r),
+                         "-" if is_ours else _fmt(_ratio(peer.wall_time, ours.wall_time), ".2f"),
+                         _fmt(floor, ".3f") if is_ours else "-",
+                         _fmt(_ratio(ours.wall_time, floor), ".2f") if is_ours else "-",
+                         _fmt(r.t_target, ".5g"), "yes" if r.strictly_decreasing else "no"])
+            if not r.converged:
+                failed.append(r)
+    parts = [tabulate(rows, headers=COMPARE_HEADERS, tablefmt=tablefmt, disable_numparse=True), ""]
+    parts += ["Floor: our accepted steps x one full-batch gradient of our LossFunction (median of 5 after a "
+              "warm-up): " + ", ".join(f"n={p.n_train} C={p.n_classes} seed={p.seed}: "
+                                        f"{_fmt(None if p.gradient_time is None else 1e3 * p.gradient_time, '.1f')} ms"
+                                        for p in points)]
+    parts += [f"Counted: {HVP_COUNTING}."]
+    if failed:
+        parts += [f"{NOT_CONVERGED_MARK} did not reach the target:"]
+        parts += [f"  {r.implementation} {r.label} n={r.n_train} C={r.n_classes} seed={r.seed}: {_stopped(r)}"
+                  for r in failed]
+    return "\n".join(parts)
+
+
+REFERENCE_HEADERS = ("# Train", "# Classes", "Seed", "RK4 alpha", "Crossing time", "Compared at t", "Steps",
+                     "Gradient evals", "HVPs", "Wall time (s)")
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}%"
+
+
+def format_fidelity(points: Sequence[PointResult], tablefmt: str = "simple") -> str:
+    """The RK4 references (one row per grid point) and every run against its reference.
+
+    ``Relative error`` is ``(t_target - T_ref) / T_ref`` in percent; ``Deviation at t<i>`` is
+    ``||theta(t_i) - theta_ref(t_i)|| / ||theta_ref(t_i) - theta_0||`` at the reference's ``i``-th comparison
+    time (listed in the first table); ``-`` where the run did not reach that time.
+    """
+    ref_rows, notes = [], []
+    for p in points:
+        ref = p.reference
+        if ref is None:
+            continue
+        if ref.error is not None:
+            notes.append(f"  n={p.n_train} C={p.n_classes} seed={p.seed}: no reference: {ref.error}")
+            ref_rows.append([p.n_train, p.n_classes, p.seed] + ["-"] * 6 + [_fmt(ref.wall_time, ".3f")])
+            continue
+        ref_rows.append([p.n_train, p.n_classes, p.seed, f"{ref.alpha:g}", _fmt(ref.crossing_time, ".5g"),
+                         ", ".join(f"{t:.5g}" for t in ref.times), ref.steps, ref.n_grad, ref.n_hvp,
+                         _fmt(ref.wall_time, ".3f")])
+    n_times = max((len(p.reference.times) for p in points if p.reference is not None), default=0)
+    headers = ["# Train", "# Classes", "Seed", "Solver", "Implementation", "Flow time at target", "Reference",
+               "Relative error"] + [f"Deviation at t{i + 1}" for i in range(n_times)]
+    rows = []
+    for p in points:
+        runs = [r for run in p.runs for r in (run, p.peer_of(run)) if r is not None]
+        for r in runs:
+            fid = r.fidelity
+            if fid is None:
+                continue
+            devs = [_fmt(d, ".3g") for d in fid.deviations] + ["-"] * (n_times - len(fid.deviations))
+            rows.append([r.n_train, r.n_classes, r.seed, r.label, r.implementation, _fmt(r.t_target, ".5g"),
+                         _fmt(fid.reference_crossing_time, ".5g"), _pct(fid.relative_error)] + devs)
+    parts = ["RK4 reference (max step 0.01; alpha halved until the crossing time moved < 1e-3):",
+             tabulate(ref_rows, headers=REFERENCE_HEADERS, tablefmt=tablefmt, disable_numparse=True)]
+    if notes:
+        parts += [""] + notes
+    parts += ["", tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)]
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # JSON
 def _jsonable(value):
@@ -248,10 +410,32 @@ def _jsonable(value):
     return value
 
 
+def _summary(r: RunResult) -> dict:
+    return {"implementation": r.implementation, "converged": r.converged, "stop_reason": r.stop_reason,
+            "steps": r.steps, "n_grad": r.n_grad, "n_hvp": r.n_hvp, "hvp_per_step": r.hvp_per_step,
+            "wall_time": r.wall_time, "t_target": r.t_target, "strictly_decreasing": r.strictly_decreasing,
+            "relative_error": None if r.fidelity is None else r.fidelity.relative_error}
+
+
+def _comparison_record(point: PointResult, ours: RunResult, peer: RunResult) -> dict:
+    floor = point.floor(ours)
+    return {"n_train": ours.n_train, "n_classes": ours.n_classes, "seed": ours.seed, "solver": ours.solver,
+            "gradient_time": point.gradient_time, "floor": floor, "ours": _summary(ours), "peer": _summary(peer),
+            "peer_over_ours_wall": _ratio(peer.wall_time, ours.wall_time),
+            "ours_wall_over_floor": _ratio(ours.wall_time, floor)}
+
+
 def benchmark_record(results: Sequence[RunResult], args: argparse.Namespace,
-                     argv: Optional[Sequence[str]] = None) -> dict:
-    """Everything the command measured, as plain JSON data: configuration, versions and every run."""
-    return _jsonable({
+                     argv: Optional[Sequence[str]] = None, points: Optional[Sequence[PointResult]] = None) -> dict:
+    """Everything the command measured, as plain JSON data: configuration, versions and every run.
+
+    With ``points`` (from :func:`run_suite`) and ``--compare``/``--fidelity``, also: ``points`` (gradient time
+    and RK4 reference per grid point), ``peer`` (package, version, what was counted), ``peer_runs`` (shaped like
+    ``runs``) and ``comparisons`` (the numbers of :func:`format_comparison`, one entry per grid point and solver).
+    """
+    compare = bool(getattr(args, "compare", False))
+    fidelity = bool(getattr(args, "fidelity", False))
+    record = {
         "configuration": {
             "argv": list(sys.argv[1:] if argv is None else argv),
             "grid": {"n_train": list(args.n_train), "n_classes": list(args.n_classes), "seeds": list(args.seeds)},
@@ -263,6 +447,9 @@ def benchmark_record(results: Sequence[RunResult], args: argparse.Namespace,
             "device": str(args.device),
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
+            "compare": compare,
+            "compare_max_seconds": getattr(args, "compare_max_seconds", DEFAULT_MAX_SECONDS),
+            "fidelity": fidelity,
         },
         "versions": {
             "python": platform.python_version(),
@@ -271,7 +458,19 @@ def benchmark_record(results: Sequence[RunResult], args: argparse.Namespace,
             "exponential_euler_solver": __version__,
         },
         "runs": [r.to_dict() for r in results],
-    })
+    }
+    if compare:
+        record["versions"]["stable_solvers"] = peer_version()
+    if points is not None and (compare or fidelity):
+        record["points"] = [{"n_train": p.n_train, "n_classes": p.n_classes, "seed": p.seed,
+                             "gradient_time": p.gradient_time,
+                             "reference": None if p.reference is None else p.reference.to_dict()} for p in points]
+    if points is not None and compare:
+        record["peer"] = {"package": PEER_PACKAGE, "version": peer_version(), "counted": HVP_COUNTING,
+                          "max_seconds": getattr(args, "compare_max_seconds", DEFAULT_MAX_SECONDS)}
+        record["peer_runs"] = [r.to_dict() for p in points for r in p.peer_runs]
+        record["comparisons"] = [_comparison_record(*pair) for pair in _pairs(points)]
+    return _jsonable(record)
 
 
 def _umask() -> int:
@@ -362,13 +561,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
-        results = run_benchmark(args)
-    except DataError as exc:
+        points = run_suite(args)
+    except (DataError, PeerMissingError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    results = [run for point in points for run in point.runs]
     print(format_tables(results))
+    if args.compare:
+        print()
+        print(format_comparison(points))
+    if args.fidelity:
+        print()
+        print(format_fidelity(points))
     if args.json is not None:
-        write_json(args.json, benchmark_record(results, args, argv))
+        write_json(args.json, benchmark_record(results, args, argv, points))
     if args.plot is not None:
         write_plot(args.plot, results)
     return 0
