@@ -3,7 +3,8 @@
 from .curvature import (DenseOperator, GaussNewtonOperator, HessianOperator, LinearOperator,
                         ResidualOperator)
 from .eigen import EigenResult, g_eigenvector, h_eigenvector, loss_hessian_eigenvector, top_eigenpairs
-from .errors import CheckpointError, NonFiniteError, SolverError, StepRejectedError, UnstableStepError
+from .errors import (CheckpointError, NonFiniteError, RankDivergenceError, SolverError, StepRejectedError,
+                     UnstableStepError)
 from .loss import LossFunction
 from .solvers import (AdaptiveGradientDescent, ExponentialEulerSolver, GradientDescent, RungeKutta4Solver,
                       Solver, StepReport)
@@ -19,6 +20,7 @@ __all__ = [
     "Solver", "StepReport", "GradientDescent", "AdaptiveGradientDescent", "ExponentialEulerSolver",
     "RungeKutta4Solver",
     "SolverError", "NonFiniteError", "StepRejectedError", "UnstableStepError", "CheckpointError",
+    "RankDivergenceError",
     "Trajectory", "Checkpointer", "save_checkpoint", "load_checkpoint", "resume",
     "make_layerwise_jacobian_function", "top_eigenvalues_along", "plot_loss", "plot_eigenvalues",
 ]

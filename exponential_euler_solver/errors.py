@@ -37,5 +37,10 @@ class UnstableStepError(SolverError):
     """A step size exceeded the stability bound 2/|lambda_max| (with ``error_if_unstable=True``)."""
 
 
+class RankDivergenceError(SolverError):
+    """The ranks of a data-parallel run hold different parameters (see
+    :meth:`~exponential_euler_solver.distributed.DataParallel.check_replicas_agree`)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or not written by this library."""

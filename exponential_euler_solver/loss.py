@@ -12,7 +12,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .distributed import data_parallel_for
 
 __all__ = ["LossFunction"]
 
@@ -37,6 +39,12 @@ class LossFunction:
     criterion's ``reduction`` attribute is ``'sum'``; an output with one entry per example (``reduction='none'``)
     is summed. The result is always the mean over all examples.
 
+    Data-parallel (``distributed``, by default whenever a :mod:`torch.distributed` default process group is
+    initialised): each rank evaluates only its contiguous shard of the examples (``data_parallel.shard``; uneven
+    or empty shards are fine), divides by the global number of examples, and the loss, gradient and block
+    products are summed over the ranks by one all-reduce each, so every rank gets the same global values. Every
+    rank must call the same methods in the same order with the same parameters.
+
     Args:
         dataset: a map-style dataset of tuples ``(*inputs, labels)``. A :class:`~torch.utils.data.TensorDataset`
             is sliced directly (no per-example collation) and stays on the device of its tensors.
@@ -45,13 +53,16 @@ class LossFunction:
             (``net.named_parameters()`` order); its buffers are used read-only.
         hvp_chunk_size: number of Hessian-vector products vmapped together inside a batch; 1 loops over the
             columns. Default: 1 on CPU (measured faster there), 64 on other devices.
+        distributed: None (default): data-parallel exactly when a default process group is initialised; True:
+            require one; False: evaluate the whole dataset in this process whatever the group.
         **dataloader_kwargs: passed to :class:`~torch.utils.data.DataLoader` for datasets that are not
             ``TensorDataset``s; ``batch_size`` (default ``len(dataset)``) is used for both. ``shuffle`` is not
             allowed: the loss is a fixed function of the parameters.
 
     Raises:
-        ValueError: the dataset is empty, ``batch_size`` is not a positive int, ``shuffle=True`` is given, or the
-            criterion's output has neither one entry nor one entry per example.
+        ValueError: the dataset is empty, ``batch_size`` is not a positive int, ``shuffle=True`` is given, the
+            criterion's output has neither one entry nor one entry per example, or ``distributed=True`` without
+            an initialised process group.
         TypeError: ``net`` is not a :class:`torch.nn.Module` or ``criterion`` is not callable.
 
     Memory: a block product of ``m`` vectors holds the ``(P, m)`` result plus, per chunk of
@@ -60,7 +71,7 @@ class LossFunction:
     """
 
     def __init__(self, dataset: Dataset, criterion: Callable, net: torch.nn.Module, *,
-                 hvp_chunk_size: Optional[int] = None, **dataloader_kwargs):
+                 hvp_chunk_size: Optional[int] = None, distributed: Optional[bool] = None, **dataloader_kwargs):
         if not isinstance(net, torch.nn.Module):
             raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
         if not callable(criterion):
@@ -107,6 +118,8 @@ class LossFunction:
             raise ValueError("dataset must yield (*inputs, labels); got a TensorDataset with "
                              f"{len(self._tensors)} tensor(s)")
         self._check_criterion()
+        # None when not data-parallel; else this rank's shard, the all-reduces and their byte count.
+        self.data_parallel = data_parallel_for(n, distributed)
 
     # ----------------------------------------------------------------------------------------------------------
     # layout
@@ -163,7 +176,8 @@ class LossFunction:
         In ``net.named_parameters()`` order, each parameter of two or more dimensions is drawn from
         ``N(0, gain**2 * 2 / (fan_in + fan_out))`` (:func:`torch.nn.init.xavier_normal_`) using torch's global
         RNG, so ``torch.manual_seed`` reproduces it. One-dimensional parameters are zero when their name ends in
-        ``bias`` and one otherwise (normalisation layers' scales), as PyTorch's own modules start.
+        ``bias`` and one otherwise (normalisation layers' scales), as PyTorch's own modules start. When
+        data-parallel, rank 0's vector is broadcast to every rank.
 
         Args:
             gain: the Xavier gain (default sqrt(2), for ReLU-like activations).
@@ -193,7 +207,8 @@ class LossFunction:
             else:
                 t.fill_(1.0)
             pieces.append(t.reshape(-1))
-        return torch.cat(pieces)
+        params = torch.cat(pieces)
+        return params if self.data_parallel is None else self.data_parallel.broadcast_(params, src=0)
 
     def parameters_of_net(self, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
         """The network's current parameters as one flat vector (a copy)."""
@@ -202,12 +217,15 @@ class LossFunction:
     # ----------------------------------------------------------------------------------------------------------
     # batches
     def batches(self, device=None) -> Iterator[tuple[Tensor, ...]]:
-        """Iterate over the dataset in fixed batches of ``batch_size`` examples, as tuples of tensors."""
+        """Iterate over the dataset (this rank's shard when data-parallel) in fixed batches of ``batch_size``
+        examples, as tuples of tensors."""
+        shard = range(self.n_examples) if self.data_parallel is None else self.data_parallel.shard
         if self._tensors is not None:
-            for start in range(0, self.n_examples, self.batch_size):
-                yield tuple(t[start:start + self.batch_size] for t in self._tensors)
+            for start in range(shard.start, shard.stop, self.batch_size):
+                yield tuple(t[start:min(start + self.batch_size, shard.stop)] for t in self._tensors)
             return
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, **self._dataloader_kwargs)
+        dataset = self.dataset if self.data_parallel is None else Subset(self.dataset, shard)
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._dataloader_kwargs)
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError("dataset must yield (*inputs, labels) tuples; got a batch of type "
@@ -262,6 +280,10 @@ class LossFunction:
                                 **self._dataloader_kwargs)
             yield tuple(next(iter(loader)))
 
+    def _reduce(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The sums over the ranks (one all-reduce) when data-parallel, else the tensors themselves."""
+        return tensors if self.data_parallel is None else self.data_parallel.all_reduce_sum(*tensors)
+
     def _batch_loss(self, params: Tensor, batch: Sequence[Tensor]) -> Tensor:
         *inputs, labels = batch
         return self._batch_total(self._outputs(params, inputs), labels) / self.n_examples
@@ -275,7 +297,9 @@ class LossFunction:
             for batch in self.batches(params.device):
                 value = self._batch_loss(params, batch)
                 total = value if total is None else total + value
-        return total
+        if total is None:  # an empty shard
+            total = params.new_zeros(())
+        return self._reduce(total)[0]
 
     __call__ = forward
 
@@ -291,7 +315,9 @@ class LossFunction:
             gb, lb = f(params.detach(), batch)
             loss = lb if loss is None else loss + lb
             g = gb if g is None else g + gb
-        return loss.detach(), g.detach()
+        if loss is None:  # an empty shard
+            loss, g = params.new_zeros(()), torch.zeros_like(params)
+        return self._reduce(loss.detach(), g.detach())
 
     def hvp(self, params: Tensor, vectors: Tensor) -> Tensor:
         """Hessian of the mean loss at ``params`` times ``vectors``, in one pass over the data.
@@ -334,6 +360,7 @@ class LossFunction:
                 else:
                     out[:, start:start + chunk] += vmap(lambda v: batch_fn(params, batch, v),
                                                         in_dims=1, out_dims=1)(cols)
+        out = self._reduce(out)[0]
         return out[:, 0] if single else out
 
     def _batch_hvp(self, params: Tensor, batch, v: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .distributed import barrier_if_distributed, is_main_process, main_process_decides
 from .errors import CheckpointError
 
 __all__ = ["Trajectory", "Checkpointer", "save_checkpoint", "load_checkpoint", "resume", "CHECKPOINT_FORMAT",
@@ -105,7 +106,10 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 def _torch_save(obj: Any, path: PathLike) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    # Data-parallel runs: every rank holds the same state; rank 0 writes, the others wait for it.
+    if is_main_process():
+        _atomic_write(path, lambda f: torch.save(obj, f))
+    barrier_if_distributed()
 
 
 def _torch_load(path: PathLike, fmt: str, what: str) -> dict:
@@ -724,7 +728,8 @@ class Checkpointer:
 
     def maybe_save(self, solver, trajectory: Optional[Trajectory] = None) -> bool:
         """Save when at least ``every_seconds`` passed since the last save; returns whether it saved."""
-        if time.monotonic() - self.last_save < self.every_seconds:
+        # Rank 0's clock decides for all ranks, so they all reach the save's barrier together.
+        if not main_process_decides(time.monotonic() - self.last_save >= self.every_seconds):
             return False
         self.save(solver, trajectory)
         return True

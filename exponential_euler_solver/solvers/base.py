@@ -11,13 +11,14 @@ from torch import Tensor
 
 from ..control import DEFAULT_RTOL, StepSizeController
 from ..errors import NonFiniteError, StepRejectedError, UnstableStepError
-from ._validate import positive_float, positive_int
+from ._validate import non_negative_int, positive_float, positive_int
 
 __all__ = ["Solver", "StepReport", "Proposal", "DEFAULT_RTOL", "MAX_REJECTIONS"]
 
 MAX_REJECTIONS = 30  # consecutive rejections before a step gives up (dt has then shrunk by 2**30 at least)
 GRADIENT_NOISE_FACTOR = 16  # gradient differences below this many ulps of the largest gradient norm are noise
 ROUNDOFF_FACTOR = 64  # loss changes below this many ulps of the loss count as "no change" (a stationary point)
+DEFAULT_CHECK_EVERY = 100  # steps between data-parallel checks that all ranks hold the same parameters
 
 
 @dataclass
@@ -102,6 +103,9 @@ class Solver:
             step (``-(dt/2) r`` for Euler directions; see each solver). Costs one more gradient evaluation per
             proposal; the size of the correction is the error estimate. Default: on when ``rtol`` is given,
             off for ``rtol=None`` (the plain step rule).
+        check_every: when ``loss`` is data-parallel (its ``data_parallel`` is not None), check every this many
+            steps, starting with the first, that all ranks hold bit-identical parameters (one 16-byte
+            all-reduce); 0 disables the check.
 
     Raises:
         TypeError, ValueError: invalid arguments (see each solver).
@@ -111,7 +115,8 @@ class Solver:
 
     def __init__(self, params: Tensor, loss, *, rtol: Optional[float] = None, monotone: bool = True,
                  corrector: Optional[bool] = None, max_rejections: int = MAX_REJECTIONS, report_gradient: bool = False,
-                 report_eigvecs: bool = False, error_if_unstable: bool = False):
+                 report_eigvecs: bool = False, error_if_unstable: bool = False,
+                 check_every: int = DEFAULT_CHECK_EVERY):
         loss.check_params(params)
         if rtol is not None:
             rtol = positive_float("rtol", rtol)
@@ -124,6 +129,7 @@ class Solver:
         self.report_gradient = bool(report_gradient)
         self.report_eigvecs = bool(report_eigvecs)
         self.error_if_unstable = bool(error_if_unstable)
+        self.check_every = non_negative_int("check_every", check_every)
         self.controller = StepSizeController(rtol, order=self.order)
         self.t = 0.0
         self.n_steps = 0
@@ -238,7 +244,11 @@ class Solver:
             NonFiniteError: the loss or gradient at the current point is not finite.
             StepRejectedError: ``max_rejections`` consecutive proposals were rejected.
             UnstableStepError: with ``error_if_unstable``, dt exceeded ``2/|lambda|``.
+            RankDivergenceError: data-parallel ranks hold different parameters (checked every ``check_every``).
         """
+        data_parallel = getattr(self.loss, "data_parallel", None)
+        if data_parallel is not None and self.check_every and self.n_steps % self.check_every == 0:
+            data_parallel.check_replicas_agree(self.params, step=self.n_steps, t=self.t)
         self._ensure_gradient()
         loss0, g0 = self._loss_value, self._grad
         self._prepare()
