@@ -3,6 +3,9 @@
 One module-scoped fixture spawns two ranks once (``torch.multiprocessing.spawn``, a ``file://`` rendezvous in a
 temporary folder, loopback only); they run every scenario and save what they saw, and the tests compare that
 with the same computations done here, in the parent, without a process group.
+
+The ranks' trajectories are checkpointed halfway (``save_checkpoint``, then a ``Checkpointer`` saving at every
+step); the parent resumes the halfway checkpoint in one process and finishes the run.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from exponential_euler_solver import (AdaptiveGradientDescent, ExponentialEulerSolver, LossFunction,
-                                      RankDivergenceError)
+from exponential_euler_solver import (AdaptiveGradientDescent, Checkpointer, ExponentialEulerSolver, LossFunction,
+                                      RankDivergenceError, Trajectory, load_checkpoint, resume, save_checkpoint)
 from exponential_euler_solver.distributed import (is_main_process, main_process_decides, parameter_checksum,
                                                   shard_range)
 
@@ -28,6 +31,7 @@ from conftest import assert_close_normwise
 WORLD_SIZE = 2
 N_TRAJECTORY = 21  # not divisible by the world size: shards of 11 and 10
 N_STEPS = 20
+N_CHECKPOINT = 10  # the ranks write a checkpoint after this many steps; the parent resumes it
 TRAJECTORY_RTOL = 1e-5  # float32 runs; the ranks sum in a different order than one process
 SOLVERS = ("exponential_euler", "adaptive_gd")
 
@@ -50,16 +54,40 @@ def _make_solver(name: str, params, loss, **kwargs):
     return AdaptiveGradientDescent(params, loss, lr=5.0, **kwargs)
 
 
-def _run_trajectory(name: str, init_seed: int, **solver_kwargs) -> dict:
+def _run_trajectory(name: str, init_seed: int, folder: str | None = None, **solver_kwargs) -> dict:
+    """N_STEPS steps from the seeded problem. With ``folder`` (the ranks): recorded by a Trajectory keeping the
+    parameters at every step, ``save_checkpoint(folder/resume.pt)`` after N_CHECKPOINT steps, and the rest run
+    with a Checkpointer saving to folder/every.pt at every step. Without (the parent's uninterrupted reference):
+    plain ``solver.step()`` calls."""
     loss = _trajectory_loss()
     torch.manual_seed(init_seed)  # differs across ranks: initialize_parameters must broadcast rank 0's
     params = loss.initialize_parameters()
     solver = _make_solver(name, params, loss, **solver_kwargs)
-    reports = [solver.step() for _ in range(N_STEPS)]
-    return {"loss": torch.tensor([r.loss for r in reports], dtype=torch.float64),
-            "new_loss": torch.tensor([r.new_loss for r in reports], dtype=torch.float64),
-            "dt": torch.tensor([r.dt for r in reports], dtype=torch.float64),
-            "params": params.clone(), "n_hvp": solver.n_hvp, "n_grad": solver.n_grad,
+    out = {}
+    if folder is None:
+        kept = [params.clone()]
+        reports = []
+        for _ in range(N_STEPS):
+            reports.append(solver.step())
+            kept.append(params.clone())
+        columns = {key: torch.tensor([getattr(r, key) for r in reports], dtype=torch.float64)
+                   for key in ("loss", "new_loss", "dt")}
+    else:
+        os.makedirs(folder, exist_ok=True)
+        trajectory = Trajectory(every_n=1)
+        for _ in trajectory.run(solver, max_steps=N_CHECKPOINT):
+            pass
+        path = os.path.join(folder, "resume.pt")
+        save_checkpoint(path, solver, trajectory)
+        # save_checkpoint returns after its barrier: rank 0's file is complete, and every rank can read it.
+        out["read_back"] = torch.equal(load_checkpoint(path)["solver"]["params"], params)
+        checkpointer = Checkpointer(os.path.join(folder, "every.pt"), every_seconds=0)
+        for _ in trajectory.run(solver, max_steps=N_STEPS, checkpointer=checkpointer):
+            pass
+        out["n_saves"] = checkpointer.n_saves
+        kept = trajectory.params
+        columns = {"loss": trajectory.loss, "new_loss": trajectory.new_loss, "dt": trajectory.dt}
+    return {**out, **columns, "params": params.clone(), "kept": kept, "n_hvp": solver.n_hvp, "n_grad": solver.n_grad,
             "bytes": None if loss.data_parallel is None else loss.data_parallel.bytes_all_reduced}
 
 
@@ -107,7 +135,9 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        out = {"trajectories": {name: _run_trajectory(name, init_seed=100 + rank, check_every=1)
+        out = {"trajectories": {name: _run_trajectory(name, init_seed=100 + rank,
+                                                      folder=os.path.join(out_dir, "checkpoints", name),
+                                                      check_every=1)
                                 for name in SOLVERS}}
 
         losses = _quantity_losses()
@@ -150,7 +180,14 @@ def ranks(tmp_path_factory) -> list[dict]:
     for rank in range(WORLD_SIZE):
         with open(tmp / f"rank{rank}.pkl", "rb") as f:
             out.append(pickle.load(f))
+        out[-1]["checkpoints"] = tmp / "checkpoints"
     return out
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, dict]:
+    """The uninterrupted single-process runs the ranks are compared with (rank 0's initial seed)."""
+    return {name: _run_trajectory(name, init_seed=100) for name in SOLVERS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,8 +201,8 @@ def _assert_rel(actual, expected, rtol: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_two_ranks_follow_the_single_process_trajectory(ranks, name):
-    expected = _run_trajectory(name, init_seed=100)
+def test_two_ranks_follow_the_single_process_trajectory(ranks, single_process, name):
+    expected = single_process[name]
     for rank, result in enumerate(ranks):
         got = result["trajectories"][name]
         for key in ("loss", "new_loss", "dt"):
@@ -177,6 +214,50 @@ def test_two_ranks_follow_the_single_process_trajectory(ranks, name):
     # The ranks see identical reduced values, so they stay bit-identical (the per-step check passed too).
     a, b = (r["trajectories"][name]["params"] for r in ranks)
     assert torch.equal(a, b), f"{name}: ranks differ by {float((a - b).abs().max()):.3e}"
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_checkpoint_written_under_two_ranks_resumes_in_one_process(ranks, single_process, name):
+    folder = ranks[0]["checkpoints"] / name
+    # One file per checkpoint path, written by rank 0: no rank-suffixed copies, no temporary files left.
+    assert sorted(os.listdir(folder)) == ["every.pt", "resume.pt"], sorted(os.listdir(folder))
+    for rank, result in enumerate(ranks):
+        got = result["trajectories"][name]
+        assert got["read_back"], f"{name} rank {rank}: the checkpoint read right after save_checkpoint " \
+                                 "holds other parameters than this rank's"
+        # Checkpointer(every_seconds=0) under 2 ranks: both ranks took every save (and nothing hung).
+        assert got["n_saves"] == N_STEPS - N_CHECKPOINT, f"{name} rank {rank}: {got['n_saves']} saves"
+    two_ranks = ranks[0]["trajectories"][name]
+    last = load_checkpoint(folder / "every.pt")
+    assert last["solver"]["n_steps"] == N_STEPS and torch.equal(last["solver"]["params"], two_ranks["params"])
+    assert len(Trajectory.from_dict(last["trajectory"])) == N_STEPS
+
+    # Resume in this process (no process group) into a fresh solver and finish the run.
+    assert not dist.is_initialized()
+    loss = _trajectory_loss()
+    torch.manual_seed(7)
+    params = loss.initialize_parameters()
+    solver = _make_solver(name, params, loss)
+    trajectory = Trajectory()
+    resume(folder / "resume.pt", solver, trajectory)
+    assert (solver.n_steps, len(trajectory), trajectory.every_n) == (N_CHECKPOINT, N_CHECKPOINT, 1)
+    assert torch.equal(params, two_ranks["kept"][N_CHECKPOINT])
+    for _ in trajectory.run(solver, max_steps=N_STEPS):
+        pass
+    assert solver.n_steps == N_STEPS and loss.data_parallel is None
+    resumed = {"loss": trajectory.loss, "new_loss": trajectory.new_loss, "dt": trajectory.dt}
+    for key, values in resumed.items():  # the first steps come from the file, bit for bit
+        assert torch.equal(values[:N_CHECKPOINT], two_ranks[key][:N_CHECKPOINT]), f"{name} {key} from the file"
+    assert len(trajectory.params) == N_STEPS + 1 and torch.equal(trajectory.params[-1], params)
+    for ref, label in ((two_ranks, "the 2-rank run"), (single_process[name], "the uninterrupted 1-process run")):
+        for key, values in resumed.items():
+            _assert_rel(values, ref[key], TRAJECTORY_RTOL, f"{name} resumed {key} vs {label}")
+        assert_close_normwise(params, ref["params"], TRAJECTORY_RTOL, f"{name} resumed params vs {label}")
+        for step, (p, q) in enumerate(zip(trajectory.params, ref["kept"])):
+            assert_close_normwise(p, q, TRAJECTORY_RTOL, f"{name} resumed params after {step} steps vs {label}")
+        assert (solver.n_grad, solver.n_hvp) == (ref["n_grad"], ref["n_hvp"]), \
+            f"{name}: resumed (n_grad, n_hvp) {(solver.n_grad, solver.n_hvp)} != {label}'s " \
+            f"{(ref['n_grad'], ref['n_hvp'])}"
 
 
 def test_quantities_match_one_process_including_an_empty_shard(ranks):

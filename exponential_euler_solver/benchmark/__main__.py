@@ -9,6 +9,17 @@ then prints the seed's table of wall times and a table of per-run counts. ``--js
 and solver from the same initial parameters, and prints a table of both side by side with a floor of one
 gradient per accepted step. ``--fidelity`` integrates the flow with a converged RK4 reference per grid point and
 prints every run's crossing-time error and distance to it (:mod:`.compare`).
+
+``--checkpoint PATH`` keeps one checkpoint file for the whole grid (:class:`~.runner.GridCheckpoint`): the run in
+progress (its solver state and steps so far, at most every ``--checkpoint-every`` seconds and when it ends) and
+the results of every run that has ended. ``--resume`` continues an interrupted grid from it: finished runs are
+reported from the file, the interrupted one continues from its last saved step to the numbers an uninterrupted
+run would have reached.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the command initialises the default process group
+(NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU) unless one exists, so that every run is data
+parallel; only rank 0 (:func:`~exponential_euler_solver.distributed.is_main_process`) shows progress, prints the
+tables and writes ``--json`` and ``--plot`` (checkpoints are written by rank 0 only anyway).
 """
 
 from __future__ import annotations
@@ -24,18 +35,21 @@ from typing import Callable, Dict, IO, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tabulate import tabulate
 from tqdm import tqdm
 
 from .. import __version__
+from ..distributed import get_world_size, is_distributed, is_main_process, main_process_decides
+from ..errors import CheckpointError
 from .compare import PointResult, run_points
 from .datasets import DATASETS, DEFAULT_DATASET, load_dataset
 from .peer import (DEFAULT_MAX_SECONDS, HVP_COUNTING, PEER_MISSING, PEER_PACKAGE, PeerMissingError, import_peer,
                    peer_version)
-from .runner import DEFAULT_MAX_STEPS, SOLVERS, DataError, RunResult
+from .runner import DEFAULT_CHECKPOINT_SECONDS, DEFAULT_MAX_STEPS, SOLVERS, DataError, GridCheckpoint, RunResult
 
 __all__ = ["main", "build_parser", "run_benchmark", "run_suite", "format_tables", "format_comparison",
-           "format_fidelity", "benchmark_record", "write_json", "write_plot"]
+           "format_fidelity", "benchmark_record", "write_json", "write_plot", "grid_config"]
 
 PROG = "euler-benchmark"
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -96,6 +110,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, inf); got {text!r}")
+    return value
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -143,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--plot", metavar="PATH", default=None,
                      help="write a PNG of loss and top curvature against flow time (needs matplotlib)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint", metavar="PATH", default=None,
+                      help="keep one checkpoint of the whole grid in this file: the run in progress (solver state "
+                      "and steps so far) and every finished run's results; must not exist unless --resume")
+    ckpt.add_argument("--checkpoint-every", type=_non_negative_seconds, default=DEFAULT_CHECKPOINT_SECONDS,
+                      metavar="SECONDS", help="least wall-clock seconds between two checkpoints within a run; "
+                      "runs are also saved when they end; 0 saves after every step "
+                      f"(default: {DEFAULT_CHECKPOINT_SECONDS:g})")
+    ckpt.add_argument("--resume", action="store_true",
+                      help="continue the grid of --checkpoint PATH: finished runs are reported from the file, the "
+                      "interrupted one continues from its last saved step (the grid options must be the file's)")
     return p
 
 
@@ -179,6 +214,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             import_peer()
         except PeerMissingError:
             parser.error(PEER_MISSING)
+    if args.resume and args.checkpoint is None:
+        parser.error("argument --resume: needs --checkpoint PATH, the checkpoint to continue")
+    if args.checkpoint is not None:
+        _check_output_path(parser, "--checkpoint", args.checkpoint)
+        if args.compare or args.fidelity:
+            parser.error("argument --checkpoint: cannot be combined with --compare or --fidelity (the peer's runs "
+                         "and the RK4 references cannot be resumed)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -196,12 +238,17 @@ def run_suite(args: Optional[argparse.Namespace] = None, **kwargs) -> List[Point
     Returns:
         The grid points in grid order, each with this library's runs (``runs``), and with ``compare`` the
         peer's runs and the gradient time, with ``fidelity`` the reference and each run's ``fidelity``. Nothing
-        is printed or written besides the progress bars (and the reference's refinements, unless ``quiet``).
+        is printed or written besides the progress bars (and the reference's refinements, unless ``quiet``; on
+        rank 0 only in a process group) and the checkpoint (``checkpoint``).
 
     Raises:
         DataError: the dataset could not be loaded (missing CIFAR-10 folder, corrupt file) or a grid point
             does not fit it (more examples than the classes hold).
         PeerMissingError: ``compare`` without ``stable-solvers`` installed.
+        CheckpointError: ``resume`` with a checkpoint that is missing, damaged or not a grid checkpoint; or
+            (:class:`~.runner.CheckpointMismatchError`) written for another configuration (:func:`grid_config`).
+        FileExistsError: ``checkpoint`` names an existing file without ``resume``.
+        ValueError: ``resume`` without ``checkpoint``; ``checkpoint`` with ``compare`` or ``fidelity``.
         TypeError: an unknown option name.
     """
     ns = vars(build_parser().parse_args([]))
@@ -211,6 +258,8 @@ def run_suite(args: Optional[argparse.Namespace] = None, **kwargs) -> List[Point
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; known: {sorted(ns)}")
     ns.update(kwargs)
+    ns["device"] = ns["device"] or _default_device()
+    checkpoint = _grid_checkpoint(ns)
     if ns["threads"] is not None:
         torch.set_num_threads(ns["threads"])
     dtype = DTYPES[ns["dtype"]] if isinstance(ns["dtype"], str) else ns["dtype"]
@@ -218,15 +267,56 @@ def run_suite(args: Optional[argparse.Namespace] = None, **kwargs) -> List[Point
         X, y = load_dataset(ns["dataset"], ns["data_dir"])
     except (OSError, ValueError) as exc:
         raise DataError(str(exc)) from exc
-    progress = None if ns["quiet"] else (lambda line: tqdm.write(line, file=sys.stderr))
+    quiet = ns["quiet"] or not is_main_process()
+    progress = None if quiet else (lambda line: tqdm.write(line, file=sys.stderr))
     try:
         return run_points(X, y, n_train=ns["n_train"], n_classes=ns["n_classes"], seeds=ns["seeds"],
-                          solvers=ns["solvers"], target=ns["target"], device=ns["device"] or _default_device(),
-                          dtype=dtype, max_steps=ns["max_steps"], quiet=ns["quiet"], compare=ns["compare"],
+                          solvers=ns["solvers"], target=ns["target"], device=ns["device"], dtype=dtype,
+                          max_steps=ns["max_steps"], quiet=quiet, compare=ns["compare"],
                           compare_max_seconds=ns["compare_max_seconds"], fidelity=ns["fidelity"],
-                          progress=progress)
+                          progress=progress, checkpoint=checkpoint)
     except DataError as exc:
         raise DataError(f"dataset {ns['dataset']!r}: {exc}") from exc
+
+
+def grid_config(ns: dict) -> dict:
+    """The configuration a grid checkpoint is written for, and that ``--resume`` must match: everything that
+    changes a run's numbers (grid values, target, solvers, ``max_steps``, dataset, dtype and device type).
+
+    Args:
+        ns: option values by attribute name (``vars(args)``).
+    """
+    dtype = ns["dtype"] if isinstance(ns["dtype"], str) else str(ns["dtype"]).replace("torch.", "")
+    return {"n_train": [int(v) for v in ns["n_train"]], "n_classes": [int(v) for v in ns["n_classes"]],
+            "seeds": [int(v) for v in ns["seeds"]], "target": float(ns["target"]), "solvers": list(ns["solvers"]),
+            "max_steps": int(ns["max_steps"]), "dataset": str(ns["dataset"]), "dtype": dtype,
+            "device": torch.device(ns["device"] or _default_device()).type}
+
+
+def _grid_checkpoint(ns: dict) -> Optional[GridCheckpoint]:
+    """The grid checkpoint the options ask for: None, a fresh one, or the loaded one after checking that it was
+    written for this configuration (see :func:`run_suite` for what it raises)."""
+    path = ns["checkpoint"]
+    if path is None:
+        if ns["resume"]:
+            raise ValueError("resume needs a checkpoint path (--checkpoint PATH); got none")
+        return None
+    if ns["compare"] or ns["fidelity"]:
+        raise ValueError("checkpoint cannot be combined with compare or fidelity: the peer's runs and the RK4 "
+                         "references cannot be resumed")
+    config = grid_config(ns)
+    if ns["resume"]:
+        try:
+            checkpoint = GridCheckpoint.load(path, ns["checkpoint_every"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"--resume: {exc}") from exc
+        checkpoint.check_config(config)
+        return checkpoint
+    # Rank 0's view decides, so that every rank takes the same branch.
+    if main_process_decides(os.path.exists(path)):
+        raise FileExistsError(f"--checkpoint: {path!r} already exists; pass --resume to continue its grid, or "
+                              "remove it (or choose another path) to start afresh")
+    return GridCheckpoint(path, config, ns["checkpoint_every"])
 
 
 def run_benchmark(args: Optional[argparse.Namespace] = None, **kwargs) -> List[RunResult]:
@@ -450,6 +540,9 @@ def benchmark_record(results: Sequence[RunResult], args: argparse.Namespace,
             "compare": compare,
             "compare_max_seconds": getattr(args, "compare_max_seconds", DEFAULT_MAX_SECONDS),
             "fidelity": fidelity,
+            "world_size": get_world_size(),
+            "checkpoint": getattr(args, "checkpoint", None),
+            "resumed": bool(getattr(args, "resume", False)),
         },
         "versions": {
             "python": platform.python_version(),
@@ -555,16 +648,58 @@ def write_plot(path: str, results: Sequence[RunResult]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+def _init_distributed(args: argparse.Namespace) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) without a default process group, initialise
+    one: NCCL for a CUDA device (this rank's ``cuda:LOCAL_RANK`` when ``--device`` names no index), gloo for
+    the CPU. Returns whether it did (the caller then destroys it)."""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world_size = 1
+    if world_size <= 1 or is_distributed() or not dist.is_available():
+        return False
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            args.device = str(device)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``euler-benchmark``; returns 0 (argparse and data errors exit with status 2)."""
+    """Entry point of ``euler-benchmark``; returns 0 (argparse, data and checkpoint errors exit with status 2,
+    an interrupt with 130).
+
+    In a process group only rank 0 prints the tables and writes ``--json`` and ``--plot``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    initialised = _init_distributed(args)
+    try:
+        return _main(args, argv)
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+
+
+def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     try:
         points = run_suite(args)
-    except (DataError, PeerMissingError) as exc:
+    except (DataError, PeerMissingError, CheckpointError, FileExistsError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        hint = ""
+        if not is_main_process():
+            raise SystemExit(130) from None
+        if args.checkpoint is not None and os.path.isfile(args.checkpoint):
+            hint = f"; continue from the checkpoint {args.checkpoint!r} with the same options and --resume"
+        print(f"{PROG}: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if not is_main_process():
+        return 0
     results = [run for point in points for run in point.runs]
     print(format_tables(results))
     if args.compare:

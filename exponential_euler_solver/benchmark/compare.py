@@ -14,6 +14,10 @@ For every grid point (:class:`PointResult`), in this order and in one process:
 The crossing time of a run is the one its history already holds (``RunResult.t_target``, interpolated in
 ``log L`` within the crossing step exactly as :func:`~exponential_euler_solver.fidelity.crossing_time` does), so
 no solver runs twice.
+
+With a :class:`~.runner.GridCheckpoint` (this library's runs only, without ``compare`` and ``fidelity``), runs
+the checkpoint lists as finished are taken from it, and a grid point whose runs have all finished is not even
+built.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import Tensor
 
 from ..fidelity import reference_run
 from .peer import DEFAULT_MAX_SECONDS, import_peer, run_peer
-from .runner import (DEFAULT_MAX_STEPS, Fidelity, ParamSampler, Problem, RunResult, build_problem,
+from .runner import (DEFAULT_MAX_STEPS, Fidelity, GridCheckpoint, ParamSampler, Problem, RunResult, build_problem,
                      check_grid, check_run_args, run_solver)
 
 __all__ = ["REFERENCE_MAX_STEP", "GRADIENT_REPEATS", "Reference", "PointResult", "gradient_seconds",
@@ -160,7 +164,8 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
                solvers: Sequence[str], target: float, device="cpu", dtype: torch.dtype = torch.float32,
                max_steps: int = DEFAULT_MAX_STEPS, quiet: bool = False, compare: bool = False,
                compare_max_seconds: float = DEFAULT_MAX_SECONDS, fidelity: bool = False,
-               progress: Optional[Callable[[str], None]] = None) -> List[PointResult]:
+               progress: Optional[Callable[[str], None]] = None,
+               checkpoint: Optional[GridCheckpoint] = None) -> List[PointResult]:
     """Every solver on every grid point (see the module docstring), in the order of
     :func:`~.runner.run_grid`.
 
@@ -169,14 +174,22 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
         compare_max_seconds: the peer's time cap per run (seconds of stepping).
         fidelity: compute an RK4 reference per point and compare every run with it.
         progress: receives one line per reference refinement (None: silent).
+        checkpoint: keep the grid's checkpoint there, and take the runs it lists as finished from it (see
+            :class:`~.runner.GridCheckpoint`); None: no checkpoint.
         Others: as :func:`~.runner.run_grid`.
 
     Raises:
         PeerMissingError: ``compare`` without ``stable-solvers`` installed (before anything runs).
         DataError, ValueError, KeyError: as :func:`~.runner.run_grid`; ValueError also for a
-            ``compare_max_seconds`` that is not a positive number.
+            ``compare_max_seconds`` that is not a positive number, or a ``checkpoint`` with ``compare`` or
+            ``fidelity``.
+        CheckpointError: the checkpoint's interrupted run does not fit its solver.
     """
     check_run_args(target, max_steps)
+    if checkpoint is not None and (compare or fidelity):
+        raise ValueError("checkpoint cannot be combined with compare or fidelity: the peer's runs and the RK4 "
+                         "references cannot be resumed; got "
+                         + " and ".join(name for name, on in (("compare", compare), ("fidelity", fidelity)) if on))
     if compare:
         import_peer()
         if isinstance(compare_max_seconds, bool) or not isinstance(compare_max_seconds, (int, float)) \
@@ -185,6 +198,10 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
     solvers, points = check_grid(X, y, n_train=n_train, n_classes=n_classes, seeds=seeds, solvers=solvers)
     results: List[PointResult] = []
     for n, c, s in points:
+        saved = {} if checkpoint is None else {name: checkpoint.result(n, c, s, name) for name in solvers}
+        if saved and all(run is not None for run in saved.values()):
+            results.append(PointResult(n, c, s, runs=[saved[name] for name in solvers]))
+            continue
         problem = build_problem(X, y, n, c, s, device=device, dtype=dtype)
         point = PointResult(n, c, s)
         if compare:
@@ -195,8 +212,12 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
             point.reference = compute_reference(problem, target, progress=tell)
         reference = point.reference if point.reference is not None and point.reference.error is None else None
         for name in solvers:
+            if saved.get(name) is not None:
+                point.runs.append(saved[name])
+                continue
             sampler = None if reference is None else ParamSampler(reference.times)
-            run = run_solver(problem, name, target, max_steps=max_steps, quiet=quiet, sampler=sampler)
+            run = run_solver(problem, name, target, max_steps=max_steps, quiet=quiet, sampler=sampler,
+                             checkpoint=checkpoint)
             if reference is not None:
                 run.fidelity = measure_fidelity(run, sampler, reference, problem.init_params)
             point.runs.append(run)

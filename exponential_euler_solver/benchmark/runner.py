@@ -11,7 +11,8 @@ the seed's loop did, until the loss that ``step()`` reports at the start of a st
 
 Solvers are built from :data:`SOLVERS` (name -> :class:`SolverSpec`); add an entry there to benchmark another.
 A :class:`ParamSampler` passed to :func:`run_solver` records the parameters at given flow times (for comparisons
-with a reference trajectory, :mod:`.compare`).
+with a reference trajectory, :mod:`.compare`). A :class:`GridCheckpoint` passed to it keeps one checkpoint file
+for a whole grid, from which an interrupted grid continues to the same numbers.
 """
 
 from __future__ import annotations
@@ -26,21 +27,26 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from ..errors import SolverError
+from ..errors import CheckpointError, SolverError
 from ..loss import LossFunction
 from ..solvers import AdaptiveGradientDescent, ExponentialEulerSolver, Solver, StepReport
+from ..trajectory import Checkpointer, Trajectory, load_checkpoint, save_checkpoint
 from .datasets import N_FEATURES, select_subset
 
 __all__ = [
     "HIDDEN_WIDTH", "N_HIDDEN_BLOCKS", "DEFAULT_MAX_STEPS", "DataError", "SolverSpec", "SOLVERS", "Problem",
     "StepRecord", "Fidelity", "RunResult", "ParamSampler", "build_network", "build_problem", "run_solver",
-    "run_grid", "check_grid", "check_run_args", "crossing_time", "IMPLEMENTATION",
+    "run_grid", "check_grid", "check_run_args", "crossing_time", "IMPLEMENTATION", "GridCheckpoint",
+    "CheckpointMismatchError", "DEFAULT_CHECKPOINT_SECONDS", "GRID_CHECKPOINT_KIND",
 ]
 
 HIDDEN_WIDTH = 512
 N_HIDDEN_BLOCKS = 4          # Linear(512, 512) + ELU blocks between the input and output layers
 DEFAULT_MAX_STEPS = 100_000  # hard cap on accepted steps per run; a run that hits it is not converged
 IMPLEMENTATION = "ours"      # RunResult.implementation of this library's runs (the peer's: see .peer)
+DEFAULT_CHECKPOINT_SECONDS = 60.0  # least wall-clock time between two checkpoints within a run
+GRID_CHECKPOINT_KIND = "exponential_euler_solver.benchmark/grid"  # marks the ``extra`` of a grid checkpoint
+GRID_CHECKPOINT_VERSION = 1
 
 
 class DataError(ValueError):
@@ -187,6 +193,11 @@ class Fidelity:
     deviations: List[float]
     extra_steps: int = 0
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Fidelity":
+        """The inverse of :func:`dataclasses.asdict`."""
+        return cls(**data)
+
 
 @dataclass
 class RunResult:
@@ -245,6 +256,19 @@ class RunResult:
         out = asdict(self)
         out["hvp_per_step"] = self.hvp_per_step
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunResult":
+        """The run of :meth:`to_dict` (``hvp_per_step`` is recomputed, not read).
+
+        Raises:
+            KeyError, TypeError: ``data`` is not shaped like :meth:`to_dict`'s output.
+        """
+        data = {k: v for k, v in data.items() if k != "hvp_per_step"}
+        data["history"] = [StepRecord(**h) for h in data.get("history", [])]
+        if data.get("fidelity") is not None:
+            data["fidelity"] = Fidelity.from_dict(data["fidelity"])
+        return cls(**data)
 
 
 class ParamSampler:
@@ -322,9 +346,191 @@ def crossing_time(history: Sequence[StepRecord], target: float) -> Optional[floa
 
 
 # ------------------------------------------------------------------------------------------------------------
+# checkpoints
+RunKey = Tuple[int, int, int, str]  # (n_train, n_classes, seed, solver)
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A grid checkpoint was written for another grid or configuration than the one asked to resume."""
+
+
+def _history_from_trajectory(state: dict) -> List[StepRecord]:
+    """The :class:`StepRecord` s of a trajectory's plain state (:meth:`~exponential_euler_solver.Trajectory.to_dict`
+    of a trajectory that recorded every step of a run from its start): ``t_start`` is the previous step's ``t``
+    (0.0 for the first), ``eig_refreshed`` whether ``n_hvp`` grew. Equal to what :meth:`StepRecord.from_report`
+    made of the same reports."""
+    c = state["columns"]
+    history: List[StepRecord] = []
+    t_prev, hvp_prev = 0.0, 0
+    for i in range(len(c["step"])):
+        eig = c["eigenvalues"][i]
+        history.append(StepRecord(
+            step=c["step"][i], t_start=t_prev, t=c["t"][i], dt=c["dt"][i], loss=c["loss"][i],
+            new_loss=c["new_loss"][i], eigvals=None if eig is None else list(eig), sharpness=c["sharpness"][i],
+            n_grad=c["n_grad"][i], n_hvp=c["n_hvp"][i], rejections=c["rejections"][i],
+            eig_refreshed=c["n_hvp"][i] > hvp_prev))
+        t_prev, hvp_prev = c["t"][i], c["n_hvp"][i]
+    return history
+
+
+def _run_key(data: dict) -> RunKey:
+    return int(data["n_train"]), int(data["n_classes"]), int(data["seed"]), str(data["solver"])
+
+
+class GridCheckpoint:
+    """One checkpoint file for a whole benchmark grid, from which an interrupted grid continues.
+
+    The file is a :func:`~exponential_euler_solver.save_checkpoint` file (written atomically, by rank 0 only).
+    Its solver state and trajectory are those of the run in progress, or of the last run that ended; its
+    ``extra`` holds, as plain containers::
+
+        {"kind": GRID_CHECKPOINT_KIND, "version": 1,
+         "config": the grid's configuration (compared on resume, see check_config),
+         "finished": [RunResult.to_dict() of every run that ended, in grid order],
+         "current": {"n_train", "n_classes", "seed", "solver", "wall_time", "done"}}
+
+    ``current`` names the run that the solver state belongs to: ``wall_time`` is the seconds its stepping loop
+    had run at the save (the time spent saving left out), ``done`` whether the run has ended (it is then in
+    ``finished`` too). :func:`run_solver` saves when the first run of a fresh grid starts (so the file exists
+    from then on), after each accepted step through a :class:`~exponential_euler_solver.Checkpointer` (at most
+    every ``every_seconds``), and when each run ends.
+
+    Resuming (:meth:`load`): finished runs are taken from the file instead of being run again (:meth:`result`);
+    the interrupted run is rebuilt from its grid point and solver, its solver state is loaded
+    (``load_state_dict``) and its steps so far are taken from the stored trajectory, so it continues from its
+    last saved step to the numbers of an uninterrupted run (steps taken after that save are taken again). Its
+    wall time is the saved one plus the time after the resume.
+
+    Args:
+        path: the checkpoint file.
+        config: the grid's configuration, plain data (e.g. the grid values, target, solvers, dtype).
+        every_seconds: the least wall-clock time between two saves within a run; 0 saves after every step.
+
+    Raises:
+        ValueError: ``every_seconds`` is negative or not finite.
+    """
+
+    def __init__(self, path, config: dict, every_seconds: float = DEFAULT_CHECKPOINT_SECONDS):
+        if isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float)) or not (
+                math.isfinite(every_seconds) and every_seconds >= 0):
+            raise ValueError(f"every_seconds must be a finite number >= 0; got {every_seconds!r}")
+        self.path = path
+        self.every_seconds = float(every_seconds)
+        self.config = config
+        self.extra: dict = {"kind": GRID_CHECKPOINT_KIND, "version": GRID_CHECKPOINT_VERSION, "config": config,
+                            "finished": [], "current": None}
+        self._finished: Dict[RunKey, RunResult] = {}
+        self._interrupted: Optional[dict] = None  # the loaded checkpoint, when it holds an unfinished run
+        self._written = False
+
+    @classmethod
+    def load(cls, path, every_seconds: float = DEFAULT_CHECKPOINT_SECONDS) -> "GridCheckpoint":
+        """Read a grid checkpoint written by :func:`run_solver` to continue its grid.
+
+        Raises:
+            CheckpointError: the file is missing, damaged, not a checkpoint of this library, or not a benchmark
+                grid checkpoint (see :func:`~exponential_euler_solver.load_checkpoint`).
+        """
+        state = load_checkpoint(path)
+        extra = state.get("extra")
+        if not isinstance(extra, dict) or extra.get("kind") != GRID_CHECKPOINT_KIND:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a benchmark grid checkpoint (written by "
+                                  "euler-benchmark --checkpoint): its extra has no 'kind': "
+                                  f"{GRID_CHECKPOINT_KIND!r}")
+        if not isinstance(extra.get("version"), int) or extra["version"] > GRID_CHECKPOINT_VERSION:
+            raise CheckpointError(f"benchmark grid checkpoint {str(path)!r} has version {extra.get('version')!r}; "
+                                  f"this library reads versions up to {GRID_CHECKPOINT_VERSION}")
+        ckpt = cls(path, extra.get("config"), every_seconds)
+        try:
+            finished = [RunResult.from_dict(d) for d in extra["finished"]]
+            current = extra["current"]
+            done = current is None or bool(current["done"])
+            if not done:
+                _run_key(current)
+                float(current["wall_time"])
+                if state.get("trajectory") is None:
+                    raise KeyError("trajectory")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"benchmark grid checkpoint {str(path)!r} is malformed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        ckpt.extra.update(finished=list(extra["finished"]), current=current)
+        ckpt._finished = {(r.n_train, r.n_classes, r.seed, r.solver): r for r in finished}
+        ckpt._interrupted = None if done else state
+        ckpt._written = True
+        return ckpt
+
+    def check_config(self, config: dict) -> None:
+        """Raise unless ``config`` equals the configuration stored in the file.
+
+        Raises:
+            CheckpointMismatchError: naming every differing key (as a command option, ``--n-train``) with its
+                value in the checkpoint and in ``config``.
+        """
+        stored = self.config if isinstance(self.config, dict) else {}
+        diffs = [f"--{key.replace('_', '-')}: {stored.get(key)!r} in the checkpoint, {config.get(key)!r} now"
+                 for key in sorted(set(stored) | set(config), key=str) if stored.get(key) != config.get(key)]
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {str(self.path)!r} was written for another grid or configuration: "
+                + "; ".join(diffs) + ". Resume with the checkpoint's options, or start afresh without --resume "
+                "(and another --checkpoint path)")
+
+    @property
+    def finished(self) -> List[RunResult]:
+        """The runs that have ended, in grid order."""
+        return list(self._finished.values())
+
+    def result(self, n_train: int, n_classes: int, seed: int, solver: str) -> Optional[RunResult]:
+        """The saved result of a run that has ended, or None."""
+        return self._finished.get((n_train, n_classes, seed, solver))
+
+    def interrupted(self, n_train: int, n_classes: int, seed: int, solver: str) -> Optional[dict]:
+        """The loaded checkpoint (:func:`~exponential_euler_solver.load_checkpoint`'s dict) when it holds this
+        run unfinished, else None."""
+        state = self._interrupted
+        if state is None or _run_key(state["extra"]["current"]) != (n_train, n_classes, seed, solver):
+            return None
+        return state
+
+    # -- used by run_solver -------------------------------------------------------------------------------------
+    def _save(self, solver: Solver, trajectory: Trajectory) -> None:
+        save_checkpoint(self.path, solver, trajectory, self.extra)
+        self._written = True
+
+    def start(self, key: RunKey, solver: Solver, trajectory: Trajectory, wall_time: float) -> Checkpointer:
+        """Mark ``key`` as the run in progress (saving now when the file has not been written yet) and return
+        the checkpointer that its steps are offered to."""
+        n, c, s, name = key
+        self.extra["current"] = {"n_train": n, "n_classes": c, "seed": s, "solver": name,
+                                 "wall_time": float(wall_time), "done": False}
+        if not self._written:
+            self._save(solver, trajectory)
+        return Checkpointer(self.path, self.every_seconds, extra=self.extra)
+
+    def offer(self, checkpointer: Checkpointer, solver: Solver, trajectory: Trajectory, wall_time: float) -> float:
+        """After an accepted step: save if ``every_seconds`` have passed; returns the seconds spent here."""
+        start = time.perf_counter()
+        self.extra["current"]["wall_time"] = float(wall_time)
+        if checkpointer.maybe_save(solver, trajectory):
+            self._written = True
+        return time.perf_counter() - start
+
+    def finish(self, result: RunResult, solver: Solver, trajectory: Trajectory) -> None:
+        """Record ``result`` as ended and save."""
+        self.extra["current"].update(wall_time=float(result.wall_time), done=True)
+        self.extra["finished"].append(result.to_dict())
+        self._finished[(result.n_train, result.n_classes, result.seed, result.solver)] = result
+        if self._interrupted is not None and _run_key(self._interrupted["extra"]["current"]) == _run_key(
+                self.extra["current"]):
+            self._interrupted = None
+        self._save(solver, trajectory)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # running
 def run_solver(problem: Problem, solver: str, target: float, *, max_steps: int = DEFAULT_MAX_STEPS,
-               quiet: bool = False, sampler: Optional[ParamSampler] = None) -> RunResult:
+               quiet: bool = False, sampler: Optional[ParamSampler] = None,
+               checkpoint: Optional[GridCheckpoint] = None) -> RunResult:
     """Run one solver from a clone of ``problem.init_params`` until the reported loss is ``<= target``.
 
     Stops early, not converged, after ``max_steps`` accepted steps or when a step raises a
@@ -335,21 +541,51 @@ def run_solver(problem: Problem, solver: str, target: float, *, max_steps: int =
     the last time then takes further steps (at most ``max_steps``) until it has passed it; those steps are
     outside the run's wall time, history and counts. The sampler's own time is taken off ``wall_time``.
 
+    With a ``checkpoint``, the run is saved to it after its steps and when it ends (see :class:`GridCheckpoint`;
+    the time spent saving is taken off ``wall_time``). When the checkpoint was loaded holding this run
+    unfinished, the run continues from the saved solver state and steps instead of starting afresh, and its
+    ``wall_time`` adds the saved seconds. (Only a run that the checkpoint does not list as finished should be
+    passed to it.)
+
     Raises:
         KeyError: ``solver`` is not a key of :data:`SOLVERS`.
-        ValueError: ``target`` is not a positive number or ``max_steps`` not a positive int.
+        ValueError: ``target`` is not a positive number or ``max_steps`` not a positive int; or both a
+            ``sampler`` and a ``checkpoint`` are given (a sampler's records are not checkpointed).
+        CheckpointError: the checkpoint's solver state does not fit the solver built for this run.
     """
     check_run_args(target, max_steps)
+    if sampler is not None and checkpoint is not None:
+        raise ValueError("a run takes a sampler or a checkpoint, not both: a sampler's records are not saved in "
+                         "checkpoints")
     spec = SOLVERS[solver]
     args = spec.arguments(problem.n_classes)
     params = problem.init_params.clone()
     instance = spec.build(params, problem.loss_func, problem.n_classes)
     history: List[StepRecord] = []
     error: Optional[str] = None
+    key = (problem.n_train, problem.n_classes, problem.seed, solver)
     desc = f"{spec.label} n={problem.n_train} C={problem.n_classes} seed={problem.seed}"
-    loss = math.inf
-    with tqdm(desc=desc, unit="step", disable=quiet, dynamic_ncols=True) as bar:
-        t_prev = 0.0
+    loss, t_prev, wall_before = math.inf, 0.0, 0.0
+    trajectory = checkpointer = None
+    if checkpoint is not None:
+        saved = checkpoint.interrupted(*key)
+        trajectory = Trajectory()
+        if saved is not None:
+            try:
+                instance.load_state_dict(saved["solver"])
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"checkpoint {str(checkpoint.path)!r} does not fit the {spec.label} solver "
+                                      f"of n={problem.n_train} C={problem.n_classes} seed={problem.seed}: "
+                                      f"{exc}") from exc
+            trajectory = Trajectory.from_dict(saved["trajectory"])
+            history = _history_from_trajectory(saved["trajectory"])
+            wall_before = float(saved["extra"]["current"]["wall_time"])
+            if history:
+                loss, t_prev = history[-1].loss, history[-1].t
+            desc += f" (resumed at step {len(history)})"
+        checkpointer = checkpoint.start(key, instance, trajectory, wall_before)
+    saving = 0.0  # seconds spent saving checkpoints inside the timed loop
+    with tqdm(desc=desc, unit="step", initial=len(history), disable=quiet, dynamic_ncols=True) as bar:
         start = time.perf_counter()
         while loss > target and len(history) < max_steps:
             if sampler is not None:
@@ -364,21 +600,29 @@ def run_solver(problem: Problem, solver: str, target: float, *, max_steps: int =
             history.append(StepRecord.from_report(report, t_prev, history[-1].n_hvp if history else 0))
             t_prev = report.t
             loss = report.loss
+            if checkpointer is not None:
+                trajectory.record(report)
+                saving += checkpoint.offer(checkpointer, instance, trajectory,
+                                           wall_before + time.perf_counter() - start - saving)
             bar.set_postfix({"step": report.step, "loss": f"{report.new_loss:.4g}", "t": f"{report.t:.4g}",
                              "dt": f"{report.dt:.3g}"}, refresh=False)
             bar.update(1)
-        wall_time = time.perf_counter() - start - (0.0 if sampler is None else sampler.seconds)
+        wall_time = (wall_before + time.perf_counter() - start - saving
+                     - (0.0 if sampler is None else sampler.seconds))
     n_grad, n_hvp, n_rejected = instance.n_grad, instance.n_hvp, instance.n_rejected
     if sampler is not None and loss <= target:
         _continue_for_sampler(instance, sampler, t_prev, max_steps)
     last = history[-1] if history else None
-    return RunResult(
+    result = RunResult(
         n_train=problem.n_train, n_classes=problem.n_classes, seed=problem.seed, solver=solver, solver_args=args,
         target=target, converged=loss <= target, error=error, wall_time=wall_time, steps=len(history),
         n_grad=n_grad, n_hvp=n_hvp, n_rejected=n_rejected,
         t_target=crossing_time(history, target), final_loss=None if last is None else last.new_loss,
         strictly_decreasing=all(rec.new_loss < rec.loss for rec in history), history=history,
         stop_reason="target" if loss <= target else "error" if error is not None else "max_steps")
+    if checkpoint is not None:
+        checkpoint.finish(result, instance, trajectory)
+    return result
 
 
 def _continue_for_sampler(instance: Solver, sampler: ParamSampler, t: float, max_steps: int) -> None:

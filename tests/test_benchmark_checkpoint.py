@@ -1,0 +1,230 @@
+"""The benchmark's grid checkpoint (--checkpoint, --checkpoint-every, --resume) and rank-0-only output.
+
+The benchmark's network (3072 -> 512 x 5 -> C) is replaced by a 3072 -> 8 -> C one: what is tested here is the
+bookkeeping (which runs are skipped, where the interrupted one continues, which numbers come out), and that a
+resumed solver steps exactly as an uninterrupted one, which does not depend on the network's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import exponential_euler_solver.benchmark.__main__ as bench
+import exponential_euler_solver.trajectory as trajectory_module
+from exponential_euler_solver import load_checkpoint
+from exponential_euler_solver.benchmark import runner
+from exponential_euler_solver.benchmark.datasets import N_FEATURES
+from exponential_euler_solver.solvers.base import Solver
+
+TINY_WIDTH = 8
+GRID = ["--n-train", "16", "--n-classes", "2", "--target", "0.3", "--device", "cpu", "--threads", "1"]
+# What must come out of a resumed grid exactly as out of an uninterrupted one (wall time aside).
+NUMBERS = ("solver", "converged", "stop_reason", "error", "steps", "n_grad", "n_hvp", "n_rejected", "t_target",
+           "final_loss", "strictly_decreasing", "history")
+
+
+def _tiny_network(n_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(N_FEATURES, TINY_WIDTH), nn.ELU(), nn.Linear(TINY_WIDTH, n_classes))
+
+
+@pytest.fixture(scope="module")
+def tiny_network():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "build_network", _tiny_network)
+        threads = torch.get_num_threads()
+        yield
+        torch.set_num_threads(threads)
+
+
+def _main(argv):
+    """main(argv): (exit code, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = bench.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue()
+
+
+def _numbers(record):
+    return [{k: run[k] for k in NUMBERS} for run in record["runs"]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_network, tmp_path_factory):
+    """The tiny grid run once without and once with a checkpoint saved after every step."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    plain_json, json_path, ckpt = folder / "plain.json", folder / "a.json", folder / "a.pt"
+    code, _ = _main(GRID + ["--quiet", "--json", str(plain_json)])
+    assert code == 0
+    code, text = _main(GRID + ["--quiet", "--json", str(json_path), "--checkpoint", str(ckpt),
+                               "--checkpoint-every", "0"])
+    assert code == 0
+    return {"plain": json.loads(plain_json.read_text()), "record": json.loads(json_path.read_text()),
+            "text": text, "checkpoint": ckpt}
+
+
+def _interrupting_step(at: int, calls=None):
+    """A replacement for Solver.step that raises KeyboardInterrupt instead of the ``at``-th step of the process
+    (counted from 1; never when ``at`` is None), or AssertionError at any step when ``at`` is 0. Appends 1 to
+    ``calls`` per step taken."""
+    real_step, seen = Solver.step, [0]
+
+    def step(solver):
+        seen[0] += 1
+        if at == 0:
+            raise AssertionError("a solver stepped although every run had finished")
+        if seen[0] == at:
+            raise KeyboardInterrupt
+        if calls is not None:
+            calls.append(1)
+        return real_step(solver)
+
+    return step
+
+
+def test_checkpointing_changes_no_number(uninterrupted):
+    assert _numbers(uninterrupted["record"]) == _numbers(uninterrupted["plain"])
+    state = load_checkpoint(uninterrupted["checkpoint"])
+    extra = state["extra"]
+    assert extra["config"] == {"n_train": [16], "n_classes": [2], "seeds": [0], "target": 0.3,
+                               "solvers": ["exponential-euler", "adaptive"], "max_steps": 100_000,
+                               "dataset": "digits", "dtype": "float32", "device": "cpu"}
+    assert extra["current"]["done"] and extra["current"]["solver"] == "adaptive"
+    assert [r["solver"] for r in extra["finished"]] == ["exponential-euler", "adaptive"]
+    assert [{k: r[k] for k in NUMBERS} for r in extra["finished"]] == _numbers(uninterrupted["record"])
+
+
+def test_resume_of_a_finished_grid_reports_the_saved_runs(uninterrupted, monkeypatch, tmp_path):
+    monkeypatch.setattr(Solver, "step", _interrupting_step(0))
+    monkeypatch.setattr(runner, "build_problem", lambda *a, **k: pytest.fail("a finished grid point was built"))
+    json_path = tmp_path / "c.json"
+    code, text = _main(GRID + ["--quiet", "--json", str(json_path), "--checkpoint",
+                               str(uninterrupted["checkpoint"]), "--resume"])
+    assert code == 0
+    record = json.loads(json_path.read_text())
+    assert record["runs"] == uninterrupted["record"]["runs"]  # wall times included
+    assert text == uninterrupted["text"]
+    assert record["configuration"]["resumed"] is True
+
+
+@pytest.mark.parametrize("at, every", [
+    (3, "0"),      # inside the exponential Euler run, saved after every step
+    (8, "0"),      # inside the adaptive run, saved after every step
+    (8, "3600"),   # inside the adaptive run, whose steps were never saved: it starts again from its start
+])
+def test_interrupted_grid_resumes_to_the_uninterrupted_numbers(uninterrupted, monkeypatch, tmp_path, capsys,
+                                                               at, every):
+    ee_steps = uninterrupted["record"]["runs"][0]["steps"]
+    assert 3 < ee_steps < 8, f"the test's interruption points assume 3 < {ee_steps} < 8 steps"
+    ckpt, json_path = tmp_path / "b.pt", tmp_path / "b.json"
+    argv = GRID + ["--quiet", "--json", str(json_path), "--checkpoint", str(ckpt), "--checkpoint-every", every]
+    with monkeypatch.context() as mp:
+        mp.setattr(Solver, "step", _interrupting_step(at))
+        code, text = _main(argv)
+    assert code == 130 and text == ""
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and str(ckpt) in err, err
+    assert not json_path.exists()
+
+    extra = load_checkpoint(ckpt)["extra"]
+    current, finished = extra["current"], extra["finished"]
+    if at <= ee_steps:
+        assert current["solver"] == "exponential-euler" and not current["done"] and finished == []
+        saved_steps = at - 1
+    elif every == "0":
+        assert current["solver"] == "adaptive" and not current["done"], current
+        saved_steps = at - 1 - ee_steps
+    else:
+        assert current["solver"] == "exponential-euler" and current["done"], current
+        saved_steps = 0
+    assert len(finished) == (at > ee_steps)
+    saved_wall = current["wall_time"]
+
+    calls = []
+    with monkeypatch.context() as mp:
+        mp.setattr(Solver, "step", _interrupting_step(None, calls))
+        code, _ = _main(argv + ["--resume"])
+    assert code == 0
+    record = json.loads(json_path.read_text())
+    assert _numbers(record) == _numbers(uninterrupted["record"])
+    # the finished run is not run again, the interrupted one continues after its saved steps
+    total = sum(r["steps"] for r in record["runs"])
+    assert len(calls) == total - len(finished) * ee_steps - saved_steps, (len(calls), total, saved_steps)
+    resumed = record["runs"][0 if at <= ee_steps else 1]
+    if saved_steps:
+        assert resumed["wall_time"] > saved_wall > 0, (resumed["wall_time"], saved_wall)
+
+
+def test_resume_with_another_configuration_exits_2_naming_the_differences(uninterrupted, capsys):
+    path = str(uninterrupted["checkpoint"])
+    argv = ["--n-train", "16", "--n-classes", "2", "--target", "0.25", "--solvers", "adaptive", "--device",
+            "cpu", "--quiet", "--checkpoint", path, "--resume"]
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("euler-benchmark: error:") and "Traceback" not in err, err
+    assert path in err and "--target: 0.3 in the checkpoint, 0.25 now" in err, err
+    assert "--solvers" in err and "--n-train" not in err, err
+
+
+def test_resume_without_the_file_exits_2_naming_it(capsys, tmp_path):
+    missing = tmp_path / "nothing.pt"
+    with pytest.raises(SystemExit) as info:
+        bench.main(GRID + ["--quiet", "--checkpoint", str(missing), "--resume"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and str(missing) in lines[0] and "exist" in lines[0], err
+
+
+def test_resume_of_another_torch_file_exits_2(capsys, tmp_path):
+    other = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, other)
+    with pytest.raises(SystemExit) as info:
+        bench.main(GRID + ["--quiet", "--checkpoint", str(other), "--resume"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and str(other) in err and "Traceback" not in err, err
+
+
+def test_existing_checkpoint_without_resume_exits_2(uninterrupted, capsys):
+    path = uninterrupted["checkpoint"]
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as info:
+        bench.main(GRID + ["--quiet", "--checkpoint", str(path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and str(path) in err and "--resume" in err, err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--resume"], ["--resume", "--checkpoint"]),
+    (["--checkpoint", "c.pt", "--fidelity"], ["--checkpoint", "--fidelity"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every", "'-1'"]),
+])
+def test_bad_checkpoint_options_exit_2(capsys, argv, words):
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2
+    assert all(w in last for w in words), last
+
+
+def test_other_ranks_print_and_write_nothing(tiny_network, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bench, "is_main_process", lambda: False)
+    monkeypatch.setattr(trajectory_module, "is_main_process", lambda: False)
+    paths = [tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.pt"]
+    assert bench.main(GRID + ["--solvers", "adaptive", "--json", str(paths[0]), "--plot", str(paths[1]),
+                              "--checkpoint", str(paths[2])]) == 0  # no --quiet: the bars are off all the same
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    assert list(tmp_path.iterdir()) == []
