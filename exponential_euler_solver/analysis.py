@@ -20,7 +20,7 @@ from torch.func import functional_call, jvp
 
 from .curvature import GaussNewtonOperator, HessianOperator, ResidualOperator
 from .eigen import top_eigenpairs
-from .trajectory import Trajectory, _atomic_write
+from .trajectory import Trajectory, atomic_write
 
 __all__ = ["make_layerwise_jacobian_function", "top_eigenvalues_along", "plot_loss", "plot_eigenvalues",
            "ELEMENTWISE_ACTIVATIONS"]
@@ -224,7 +224,7 @@ def _figure(width: float = 6.4, height: float = 4.2):
 
 def _write_png(fig, path) -> None:
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=PNG_DPI))
 
 
 def _check_trajectory(trajectory) -> None:

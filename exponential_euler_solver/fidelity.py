@@ -65,7 +65,6 @@ def integrate(solver, target: float, times: Sequence[float] = (), max_steps: int
     params_at = []
     losses = []
     monotone = True
-    last_loss = math.inf
     steps = 0
     while steps < max_steps:
         before = solver.params.detach().clone() if pending else None

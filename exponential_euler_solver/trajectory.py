@@ -47,7 +47,13 @@ _TIME_SLACK_ULPS = 8
 
 # ----------------------------------------------------------------------------------------------------------------
 # files
-def _atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
     """Write a file so that ``path`` holds either its old content or the complete new one, never a part.
 
     ``write(f)`` fills a temporary file in the same folder; it is flushed and fsynced, renamed over ``path`` with
@@ -58,6 +64,7 @@ def _atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it an ordinary file's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -108,7 +115,7 @@ def _check_plain(obj: Any, where: str) -> None:
 def _torch_save(obj: Any, path: PathLike) -> None:
     # Data-parallel runs: every rank holds the same state; rank 0 writes, the others wait for it.
     if is_main_process():
-        _atomic_write(path, lambda f: torch.save(obj, f))
+        atomic_write(path, lambda f: torch.save(obj, f))
     barrier_if_distributed()
 
 
@@ -614,8 +621,8 @@ def save_checkpoint(path: PathLike, solver, trajectory: Optional[Trajectory] = N
     atomically: to a temporary file in the same folder, flushed and fsynced, renamed over ``path`` with
     :func:`os.replace`, and the folder fsynced. A crash or kill at any moment leaves ``path`` holding either the
     previous checkpoint or the new one, complete; never a part. A process killed during a write may leave its
-    temporary file, ``.NAME.*.tmp`` beside ``path``, which is safe to delete. (The checkpoint gets the temporary
-    file's mode, 0600: readable by its owner only.)
+    temporary file, ``.NAME.*.tmp`` beside ``path``, which is safe to delete. The file gets an ordinary
+    file's mode (0666 less the umask).
 
     Args:
         path: the checkpoint file.

@@ -1,8 +1,6 @@
 """Solver steps against independent references: torch.optim.SGD, closed forms from dense eigensystems, and the
 exact flow of a quadratic loss."""
 
-import math
-
 import pytest
 import torch
 from torch.utils.data import TensorDataset

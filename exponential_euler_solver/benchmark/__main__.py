@@ -30,8 +30,7 @@ import math
 import os
 import platform
 import sys
-import tempfile
-from typing import Callable, Dict, IO, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..distributed import get_world_size, is_distributed, is_main_process, main_process_decides
 from ..errors import CheckpointError
+from ..trajectory import atomic_write
 from .compare import PointResult, run_points
 from .datasets import DATASETS, DEFAULT_DATASET, load_dataset
 from .peer import (DEFAULT_MAX_SECONDS, HVP_COUNTING, PEER_MISSING, PEER_PACKAGE, PeerMissingError, import_peer,
@@ -566,35 +566,10 @@ def benchmark_record(results: Sequence[RunResult], args: argparse.Namespace,
     return _jsonable(record)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file in its folder: write, flush, fsync, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it an ordinary file's mode
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_json(path: str, record: dict) -> None:
     """Write ``record`` as indented JSON to ``path``, atomically."""
     text = json.dumps(record, indent=1, allow_nan=False) + "\n"
-    _write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -644,7 +619,7 @@ def write_plot(path: str, results: Sequence[RunResult]) -> None:
         ax.grid(True, which="major", alpha=0.3)
     ax_loss.legend(fontsize="small")
     ax_curv.legend(fontsize="small")
-    _write_atomically(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
 
 
 # ------------------------------------------------------------------------------------------------------------
