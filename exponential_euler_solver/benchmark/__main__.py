@@ -30,7 +30,7 @@ import math
 import os
 import platform
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -90,34 +90,25 @@ def _n_classes(text: str) -> int:
     return value
 
 
-def _target(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, inf); got {text!r}")
-    return value
+def _float_in(low: float, *, closed: bool, what: str) -> Callable[[str], float]:
+    """An argparse type: a finite float above ``low`` (or at it, when ``closed``)."""
+    interval = f"{'[' if closed else '('}{low:g}, inf)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not ((low <= value if closed else low < value) and value < math.inf):
+            raise argparse.ArgumentTypeError(f"must be {what} in {interval}; got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, inf); got {text!r}")
-    return value
-
-
-def _non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, inf); got {text!r}")
-    return value
+_target = _float_in(0, closed=False, what="a number")
+_positive_seconds = _float_in(0, closed=False, what="a number of seconds")
+_non_negative_seconds = _float_in(0, closed=True, what="a number of seconds")
 
 
 def _default_device() -> str:
