@@ -289,6 +289,7 @@ class Solver:
                     step=self.n_steps, t=self.t, losses=tried)
             dt = self.controller.rejected(dt, ratio if finite and decreased else None)
             self._on_reject()
+            dt = min(dt, self._max_dt())  # a refresh on rejection may have lowered the stability cap
         with torch.no_grad():
             self.params.copy_(candidate)
         self.controller.accepted(dt, ratio)
