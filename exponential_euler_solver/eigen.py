@@ -112,12 +112,10 @@ def _whitener(M: Tensor, dtype: torch.dtype) -> Tensor:
     return vecs[:, keep] / vals[keep].sqrt()
 
 
-def _orthonormalize(W: Tensor, against: Optional[Tensor] = None) -> Tensor:
-    """Orthonormalise the columns of ``W``, first against the orthonormal columns of ``against``, dropping
-    dependent directions (SVQB, Stathopoulos & Wu 2002); two passes for stability."""
+def _orthonormalize(W: Tensor) -> Tensor:
+    """Orthonormalise the columns of ``W``, dropping dependent directions (SVQB, Stathopoulos & Wu 2002);
+    two passes for stability."""
     for _ in range(2):
-        if against is not None and against.shape[1]:
-            W = W - _apply(against, _gram(against, W))
         if W.shape[1] == 0:
             return W
         W = _apply(W, _whitener(_gram(W, W), W.dtype))

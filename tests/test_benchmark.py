@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import math
-import re
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from exponential_euler_solver.benchmark.__main__ import (PLOT_MISSING, build_par
                                                          run_benchmark)
 from exponential_euler_solver.benchmark.runner import (SOLVERS, DataError, RunResult, StepRecord,
                                                        build_network, crossing_time)
+from tables import table_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -184,22 +184,9 @@ def tiny_run(tmp_path_factory):
     return out.getvalue(), json.loads(json_path.read_text()), png_path
 
 
-def _table_rows(text, first_header):
-    """Rows of the tabulate 'simple' table whose header line starts with ``first_header``."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(first_header))
-    headers = re.split(r"\s{2,}", lines[start].strip())
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.strip():
-            break
-        rows.append(dict(zip(headers, re.split(r"\s{2,}", line.strip()))))
-    return headers, rows
-
-
 def test_tiny_grid_tables(tiny_run):
     text, record, _ = tiny_run
-    headers, rows = _table_rows(text, "# Train")
+    headers, rows = table_rows(text)
     assert headers == ["# Train", "# Classes", "Exponential Euler Time", "Adaptive Gradient Time"]
     assert len(rows) == 1 and rows[0]["# Train"] == "16" and rows[0]["# Classes"] == "2"
     runs = {r["solver"]: r for r in record["runs"]}
@@ -207,7 +194,7 @@ def test_tiny_grid_tables(tiny_run):
     assert rows[0]["Adaptive Gradient Time"] == f"{runs['adaptive']['wall_time']:.3f}"
 
     detail_text = text[text.index("\n\n") + 2:]
-    _, details = _table_rows(detail_text, "# Train")
+    _, details = table_rows(detail_text)
     assert [d["Solver"] for d in details] == ["Exponential Euler", "Adaptive Gradient"]
     for d, run in zip(details, record["runs"]):
         assert int(d["Steps"]) == run["steps"]

@@ -25,6 +25,7 @@ from exponential_euler_solver.benchmark.__main__ import COMPARE_HEADERS, format_
 from exponential_euler_solver.benchmark.compare import PointResult
 from exponential_euler_solver.benchmark.peer import PEER_MISSING, PeerMissingError, run_peer
 from exponential_euler_solver.benchmark.runner import ParamSampler, Problem, RunResult, StepRecord
+from tables import table_rows
 
 HAVE_PEER = importlib.util.find_spec("stable_solvers") is not None
 needs_peer = pytest.mark.skipif(not HAVE_PEER, reason="stable-solvers is not installed")
@@ -160,23 +161,10 @@ def tiny_compare(tmp_path_factory):
     return out.getvalue(), json.loads(json_path.read_text()), sum(columns)
 
 
-def _rows(text, marker):
-    """Rows (dicts) of the tabulate 'simple' table whose header line contains ``marker``."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# Train") and marker in line)
-    headers = re.split(r"\s{2,}", lines[start].strip())
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.strip():
-            break
-        rows.append(dict(zip(headers, re.split(r"\s{2,}", line.strip()))))
-    return headers, rows
-
-
 @needs_peer
 def test_comparison_table_agrees_with_json(tiny_compare):
     text, record, _ = tiny_compare
-    headers, rows = _rows(text, "Implementation")
+    headers, rows = table_rows(text, contains="Implementation")
     assert tuple(headers) == COMPARE_HEADERS
     comparisons = record["comparisons"]
     assert [c["solver"] for c in comparisons] == ["exponential-euler", "adaptive"]
@@ -228,7 +216,7 @@ def test_fidelity_in_json_and_table(tiny_compare):
     assert len(ref["times"]) == 3 and ref["times"] == sorted(ref["times"]) and ref["alpha"] > 0
     runs = record["runs"] + record.get("peer_runs", [])
     assert len(runs) == (4 if HAVE_PEER else 2)
-    _, rows = _rows(text, "Relative error")
+    _, rows = table_rows(text, contains="Relative error")
     assert len(rows) == len(runs)
     for run in runs:
         fid = run["fidelity"]
