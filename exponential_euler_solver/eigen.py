@@ -2,9 +2,10 @@
 
 The method is LOBPCG without preconditioner (Knyazev 2001): Rayleigh-Ritz on the span of the current vectors
 ``X``, their residuals ``R = AX - X Theta`` and the previous search directions ``P``. It sees only the operator
-protocol of :mod:`.curvature` (``matmat``, ``shape``, ``dtype``, ``device``). All projected matrices
-(``S^T A S``, ``S^T S``) are accumulated in float64 whatever the operator's dtype: float32 reductions over
-millions of entries lose about three digits. Eigenvalues are Ritz values, so their signs are true signs, also
+protocol of :mod:`.curvature` (``matmat``, ``shape``, ``dtype``, ``device``). The projected matrices
+(``S^T A S``, ``S^T S``) are summed in float64 over chunks of 16k entries whatever the operator's dtype: a
+float32 reduction over millions of entries loses about three digits. Residual norms are computed from the
+residual vectors themselves, not from projected matrices (which cancel). Eigenvalues are Ritz values, so their signs are true signs, also
 when eigenvalues of opposite sign have nearly equal magnitude.
 """
 
@@ -23,9 +24,11 @@ __all__ = ["EigenResult", "top_eigenpairs", "loss_hessian_eigenvector", "g_eigen
            "default_tol"]
 
 _WHICH = ("LM", "LA", "SA")
-# Tall blocks are processed in row chunks of this size: float64 copies stay in cache (measured on this
-# project's CPU: a float64 Gram of 2.6M x 12 took 81 ms in chunks of 16k rows, 158 ms in 64k, 316 ms whole).
-_GRAM_CHUNK_ROWS = 1 << 14
+# Long reductions are split into chunks of this many entries: within a chunk the products run in the blocks' own
+# dtype (a float32 dot product of 16k terms is good to ~1e-7 relative), across chunks they are summed in float64.
+# A float32 reduction over all 2.6M entries at once lost ~1e-3 relative on this project's CPU; float64 products
+# cost 2.5-3x the float32 ones there.
+_CHUNK = 1 << 14
 # Residuals are judged against max(|lambda_i|, ZERO_FLOOR * max_j |lambda_j|), so (near-)zero eigenvalues of a
 # singular operator can converge.
 ZERO_FLOOR = 1e-3
@@ -60,38 +63,38 @@ def default_tol(dtype: torch.dtype) -> float:
 
 
 def _gram(A: Tensor, B: Tensor) -> Tensor:
-    """``A^T B`` accumulated in float64, in row chunks so no float64 copy of a tall block is held."""
-    if A.dtype == torch.float64 and B.dtype == torch.float64:
-        return A.T @ B
+    """``A^T B`` in float64 for tall ``A``, ``B`` (one vector per column), summed over row chunks."""
     out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
-    for start in range(0, A.shape[0], _GRAM_CHUNK_ROWS):
-        out += A[start:start + _GRAM_CHUNK_ROWS].double().T @ B[start:start + _GRAM_CHUNK_ROWS].double()
+    for start in range(0, A.shape[0], _CHUNK):
+        out += (A[start:start + _CHUNK].T @ B[start:start + _CHUNK]).double()
     return out
 
 
-def _gram_of(blocks: list) -> Tensor:
-    """``B^T B`` in float64 for ``B = [blocks...]`` side by side, in one pass and without forming ``B``."""
-    cols = sum(b.shape[1] for b in blocks)
-    out = torch.zeros(cols, cols, dtype=torch.float64, device=blocks[0].device)
-    for start in range(0, blocks[0].shape[0], _GRAM_CHUNK_ROWS):
-        chunk = torch.cat([b[start:start + _GRAM_CHUNK_ROWS] for b in blocks], 1).double()
-        out += chunk.T @ chunk
-    return out
+def _project(S: Tensor, AS: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """``(S S^T, S AS^T)`` in float64 over the first ``m`` rows of the row blocks ``S``, ``AS`` (one vector per
+    row), in one pass over column chunks."""
+    M = torch.zeros(m, m, dtype=torch.float64, device=S.device)
+    K = torch.zeros(m, m, dtype=torch.float64, device=S.device)
+    for start in range(0, S.shape[1], _CHUNK):
+        s = S[:m, start:start + _CHUNK]
+        M += (s @ s.T).double()
+        K += (s @ AS[:m, start:start + _CHUNK].T).double()
+    return M, K
 
 
-def _combine(blocks: list, coeffs: Tensor) -> Tensor:
-    """``[blocks...] @ coeffs`` in the blocks' dtype, in one pass and without forming ``[blocks...]``."""
-    n = blocks[0].shape[0]
-    out = torch.empty(n, coeffs.shape[1], dtype=blocks[0].dtype, device=blocks[0].device)
-    C = coeffs.to(blocks[0].dtype)
-    for start in range(0, n, _GRAM_CHUNK_ROWS):
-        torch.matmul(torch.cat([b[start:start + _GRAM_CHUNK_ROWS] for b in blocks], 1), C,
-                     out=out[start:start + _GRAM_CHUNK_ROWS])
-    return out
+def _rotate(S: Tensor, AS: Tensor, m: int, C: Tensor) -> None:
+    """In place: rows ``[:r]`` of ``S`` and ``AS`` become ``C^T`` times their first ``m`` rows, ``C`` an
+    ``(m, r)`` float64 matrix with ``r <= m``; column chunk by column chunk, so no second block is allocated."""
+    Ct = C.T.to(S.dtype)
+    r = Ct.shape[0]
+    for start in range(0, S.shape[1], _CHUNK):
+        cols = slice(start, start + _CHUNK)
+        S[:r, cols] = Ct @ S[:m, cols]
+        AS[:r, cols] = Ct @ AS[:m, cols]
 
 
-def _col_norms(A: Tensor) -> Tensor:
-    return torch.diagonal(_gram(A, A)).clamp_min(0).sqrt()
+def _row_norms(A: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(A, dim=1, dtype=torch.float64)
 
 
 def _apply(S: Tensor, Y: Tensor) -> Tensor:
@@ -144,42 +147,6 @@ def _rayleigh_ritz(M: Tensor, K: Tensor, b: int, which: str, dtype: torch.dtype)
     values, Z = torch.linalg.eigh((C + C.T) / 2)
     idx = _select(values, b, which)
     return values[idx], T @ Z[:, idx]
-
-
-def _ritz_update(S: list, AS: list, G: Tensor, b: int, which: str, dtype: torch.dtype, with_directions: bool):
-    """Rayleigh-Ritz on the basis ``S`` (blocks) given the Gram matrix ``G`` of ``[S, AS]``; forms the new
-    ``X = S Y``, ``AX``, and (LOBPCG's search directions) ``P = S Yp``, ``AP`` with ``Yp`` the part of ``Y``
-    outside the old ``X``, whitened. Returns ``theta, Y, X, AX, P, AP, GX`` with ``GX`` the Gram matrix of
-    ``[X, AX]``."""
-    m = sum(blk.shape[1] for blk in S)
-    M, K = G[:m, :m], G[:m, m:]
-    theta, Y = _rayleigh_ritz(M, K, b, which, dtype)
-    blocks = [Y]
-    if with_directions:
-        Yp = Y.clone()
-        Yp[:b] = 0
-        Yp = Yp @ _whitener(Yp.T @ M @ Yp, dtype)
-        blocks.append(Yp)
-    coeff = torch.block_diag(torch.cat(blocks, 1), torch.cat(blocks, 1))
-    out = _combine(S + AS, coeff)
-    c = coeff.shape[1] // 2
-    X, AX = out[:, :b], out[:, c:c + b]
-    P = out[:, b:c] if with_directions else None
-    AP = out[:, c + b:] if with_directions else None
-    Z = torch.block_diag(Y, Y)
-    GX = Z.T @ G @ Z
-    return theta, Y, X, AX, P, AP, GX
-
-
-def _residual_norms(X: Tensor, AX: Tensor, theta: Tensor, GX: Tensor, dtype: torch.dtype) -> Tensor:
-    """``||A x_i - theta_i x_i||``. For float32 blocks from the float64 Gram matrix of ``[X, AX]`` (no pass over
-    the data; exact up to the float32 rounding of X, far below any useful tolerance); float64 blocks
-    explicitly, since the formula cancels below about 1e-8 relative."""
-    if dtype == torch.float64:
-        return _col_norms(AX - X * theta.to(dtype))
-    b = X.shape[1]
-    m, k, q = torch.diagonal(GX[:b, :b]), torch.diagonal(GX[:b, b:]), torch.diagonal(GX[b:, b:])
-    return (q - 2 * theta * k + theta ** 2 * m).clamp_min(0).sqrt() / m.sqrt()
 
 
 def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor] = None,
@@ -250,35 +217,49 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     start_products = operator.n_products if hasattr(operator, "n_products") else None
     products = 0
 
-    AX = operator.matmat(X)
-    products += X.shape[1]
+    # The basis lives in row blocks, one vector per row (contiguous): S = [X; P; W] and AS = A S, at most 3b
+    # rows each. Ritz vectors and search directions are formed in place, and only the (m, m) projections
+    # S S^T and S AS^T are formed (float64): no tall temporary and no (AS)(AS)^T.
     b = X.shape[1]
-    # Invariant: G holds the float64 Gram matrix of [S, AS] for the current basis S (first X alone).
-    G = _gram_of([X, AX])
-    theta, Y, X, AX, P, AP, GX = _ritz_update([X], [AX], G, b, which, dtype, with_directions=False)
-    iters = 0
+    S = X.new_empty(3 * b, n)
+    AS = X.new_empty(3 * b, n)
+    S[:b] = X.T
+    AS[:b] = operator.matmat(X).T
+    products += b
+    del X
+    n_dirs, m, iters = 0, b, 0
     while True:
-        rnorm = _residual_norms(X, AX, theta, GX, dtype)
+        M, K = _project(S, AS, m)
+        theta, Y = _rayleigh_ritz(M, K, b, which, dtype)
+        C = Y
+        if iters > 0:
+            # LOBPCG's search directions: the part of the new Ritz vectors outside the old ones, whitened.
+            Yp = Y.clone()
+            Yp[:b] = 0
+            Yp = Yp @ _whitener(Yp.T @ M @ Yp, dtype)
+            C = torch.cat([Y, Yp], 1)
+            n_dirs = Yp.shape[1]
+        _rotate(S, AS, m, C)
+        R = AS[:b] - theta.to(dtype)[:, None] * S[:b]
+        rnorm = _row_norms(R)
         active = rnorm > tol * _scale(theta)
         if not bool(active[:k].any()) or iters >= max_iters:
             break
         iters += 1
         # Residuals are orthogonal to the Ritz vectors; normalised, they need no further orthogonalisation:
-        # the Rayleigh-Ritz below whitens the whole basis with its float64 Gram matrix.
+        # the Rayleigh-Ritz whitens the whole basis with its float64 Gram matrix.
         idx = active.nonzero()[:, 0]
-        W = (AX[:, idx] - X[:, idx] * theta[idx].to(dtype)) / rnorm[idx].to(dtype)
-        AW = operator.matmat(W)
-        products += W.shape[1]
-        S, AS = [X, W] + ([P] if P is not None else []), [AX, AW] + ([AP] if AP is not None else [])
-        G = _gram_of(S + AS)  # S^T S, S^T A S and (AS)^T (AS) in one pass over the tall blocks
-        theta, Y, X, AX, P, AP, GX = _ritz_update(S, AS, G, b, which, dtype, with_directions=True)
+        lo, m = b + n_dirs, b + n_dirs + idx.numel()
+        S[lo:m] = R[idx] / rnorm[idx].to(dtype)[:, None]
+        del R
+        AS[lo:m] = operator.matmat(S[lo:m].T).T
+        products += m - lo
 
-    # Keep the k wanted pairs; X's columns are orthonormal up to rounding in the operator's dtype.
-    theta, X, AX = theta[:k], X[:, :k], AX[:, :k]
-    norms = _col_norms(X)
-    X = X / norms.to(dtype)
-    AX = AX / norms.to(dtype)
-    rnorm = _col_norms(AX - X * theta.to(dtype))
+    # Keep the k wanted pairs; the rows of S are orthonormal up to rounding in the operator's dtype.
+    theta = theta[:k]
+    norms = _row_norms(S[:k])
+    X = (S[:k] / norms.to(dtype)[:, None]).T.contiguous()
+    rnorm = rnorm[:k] / norms
     if start_products is not None:
         products = operator.n_products - start_products
     return EigenResult(eigenvalues=theta, eigenvectors=X, residual_norms=rnorm, n_products=products,

@@ -51,8 +51,9 @@ class LossFunction:
         criterion: callable ``criterion(outputs, labels)``, e.g. :class:`torch.nn.CrossEntropyLoss`.
         net: the network; ``net(*inputs)`` gives the outputs. Its parameters define the layout of the flat vector
             (``net.named_parameters()`` order); its buffers are used read-only.
-        hvp_chunk_size: number of Hessian-vector products vmapped together inside a batch; 1 loops over the
-            columns. Default: 1 on CPU (measured faster there), 64 on other devices.
+        hvp_chunk_size: number of Hessian-vector products vmapped together inside a batch (forward-over-reverse);
+            1 loops over the columns instead, differentiating one gradient graph per batch again for each column
+            (reverse-over-reverse). Default: 1 on CPU (measured faster there), 64 on other devices.
         distributed: None (default): data-parallel exactly when a default process group is initialised; True:
             require one; False: evaluate the whole dataset in this process whatever the group.
         **dataloader_kwargs: passed to :class:`~torch.utils.data.DataLoader` for datasets that are not
@@ -65,9 +66,9 @@ class LossFunction:
             an initialised process group.
         TypeError: ``net`` is not a :class:`torch.nn.Module` or ``criterion`` is not callable.
 
-    Memory: a block product of ``m`` vectors holds the ``(P, m)`` result plus, per chunk of
-    ``hvp_chunk_size`` columns, the activations of one batch for forward-over-reverse differentiation; it does
-    not grow with the number of examples.
+    Memory: a block product of ``m`` vectors holds the ``(P, m)`` result plus the graph of one batch's gradient
+    (``hvp_chunk_size`` 1) or, per chunk of ``hvp_chunk_size`` columns, the activations of one batch for
+    forward-over-reverse differentiation; it does not grow with the number of examples.
     """
 
     def __init__(self, dataset: Dataset, criterion: Callable, net: torch.nn.Module, *,
@@ -322,8 +323,10 @@ class LossFunction:
     def hvp(self, params: Tensor, vectors: Tensor) -> Tensor:
         """Hessian of the mean loss at ``params`` times ``vectors``, in one pass over the data.
 
-        Forward-over-reverse (:func:`torch.func.jvp` of :func:`torch.func.grad`); within a batch the columns are
-        vmapped in chunks of ``hvp_chunk_size`` (1 = a plain loop).
+        With ``hvp_chunk_size`` 1, reverse-over-reverse: per batch one gradient with its graph, differentiated
+        again once per column (measured on this project's CPU, 2.6M-parameter MLP: 158 ms per column in a block
+        of 16 against 242 ms forward-over-reverse). Otherwise forward-over-reverse (:func:`torch.func.jvp` of
+        :func:`torch.func.grad`), the columns vmapped in chunks of ``hvp_chunk_size``.
 
         Args:
             params: flat parameters ``(P,)``.
@@ -332,7 +335,7 @@ class LossFunction:
         Returns:
             A tensor shaped like ``vectors``.
         """
-        return self._block_product(params, vectors, self._batch_hvp)
+        return self._block_product(params, vectors, self._batch_hvp, self._batch_hvp_loop)
 
     def gnvp(self, params: Tensor, vectors: Tensor) -> Tensor:
         """Gauss-Newton matrix ``G = (1/N) sum_n J_n^T H_n J_n`` at ``params`` times ``vectors``.
@@ -342,7 +345,7 @@ class LossFunction:
         """
         return self._block_product(params, vectors, self._batch_gnvp)
 
-    def _block_product(self, params: Tensor, vectors: Tensor, batch_fn) -> Tensor:
+    def _block_product(self, params: Tensor, vectors: Tensor, batch_fn, batch_loop=None) -> Tensor:
         if vectors.ndim not in (1, 2) or vectors.shape[0] != self.n_params:
             raise ValueError(f"vectors must have shape ({self.n_params},) or ({self.n_params}, m); "
                              f"got {tuple(vectors.shape)}")
@@ -353,6 +356,9 @@ class LossFunction:
         chunk = self._hvp_chunk_size or _default_hvp_chunk(params.device)
         out = torch.zeros_like(block)
         for batch in self.batches(params.device):
+            if chunk == 1 and batch_loop is not None:
+                batch_loop(params, batch, block, out)
+                continue
             for start in range(0, block.shape[1], chunk):
                 cols = block[:, start:start + chunk]
                 if cols.shape[1] == 1:
@@ -364,7 +370,23 @@ class LossFunction:
         return out[:, 0] if single else out
 
     def _batch_hvp(self, params: Tensor, batch, v: Tensor) -> Tensor:
-        return jvp(grad(lambda p: self._batch_loss(p, batch)), (params,), (v,))[1]
+        hv = jvp(grad(lambda p: self._batch_loss(p, batch)), (params,), (v,))[1]
+        # Where the gradient does not depend on the parameters (zero curvature) jvp returns a tangent that does
+        # not depend on v either, which vmap cannot batch; adding 0 * v makes it depend on v.
+        return hv + 0 * v
+
+    def _batch_hvp_loop(self, params: Tensor, batch, block: Tensor, out: Tensor) -> None:
+        """``out += H_batch @ block``, column by column, reusing one graph of the batch's gradient."""
+        with torch.enable_grad():
+            p = params.detach().requires_grad_(True)
+            g = torch.autograd.grad(self._batch_loss(p, batch), p, create_graph=True)[0]
+            if not g.requires_grad:  # the loss is linear in the parameters
+                return
+            m = block.shape[1]
+            for i in range(m):
+                hv = torch.autograd.grad(g, p, block[:, i], retain_graph=i < m - 1, allow_unused=True)[0]
+                if hv is not None:
+                    out[:, i] += hv
 
     def _batch_gnvp(self, params: Tensor, batch, v: Tensor) -> Tensor:
         *inputs, labels = batch

@@ -106,6 +106,18 @@ def test_hvp_equals_dense_hessian(tiny_problem_shared, dense_hessian, close, bat
     close(HV3, dense_hessian @ V[:, :3], 1e-6, f"hvp(P x 3 block), batch_size={batch_size}, chunk={chunk}")
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_hvp_of_a_loss_linear_in_the_parameters_is_zero(chunk):
+    # A linear model under a criterion linear in its outputs: the gradient has no graph to differentiate again,
+    # which the reverse-over-reverse loop (chunk 1) must read as a zero Hessian, as forward mode does.
+    gen = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(6, 3, generator=gen, dtype=F64), torch.zeros(6, dtype=F64))
+    loss = LossFunction(ds, lambda out, y: (out[:, 0] - y).sum(), nn.Linear(3, 1).double(), hvp_chunk_size=chunk)
+    V = _block(loss.n_params, 3)
+    HV = loss.hvp(loss.initialize_parameters(dtype=F64), V)
+    assert HV.shape == V.shape and torch.equal(HV, torch.zeros_like(V)), HV
+
+
 @pytest.mark.parametrize("batch_size,chunk", PRODUCT_CASES)
 def test_gnvp_equals_dense_gauss_newton(tiny_problem_shared, dense_gauss_newton, close, batch_size, chunk):
     problem = tiny_problem_shared
