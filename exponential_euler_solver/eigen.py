@@ -70,31 +70,51 @@ def _gram(A: Tensor, B: Tensor) -> Tensor:
     return out
 
 
-def _project(S: Tensor, AS: Tensor, m: int) -> tuple[Tensor, Tensor]:
+def _project(S: Tensor, AS: Tensor, m: int, ritz: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(S S^T, S AS^T)`` in float64 over the first ``m`` rows of the row blocks ``S``, ``AS`` (one vector per
-    row), in one pass over column chunks."""
+    row), in one pass over column chunks.
+
+    With ``ritz`` (``b`` values), rows ``[:b]`` are the Ritz vectors of the previous Rayleigh-Ritz: their blocks
+    are ``I`` and ``diag(ritz)`` by construction (up to the rounding of the rotation that formed them), so only
+    rows ``[b:m]`` are multiplied and the rest follows by symmetry."""
+    b = 0 if ritz is None else ritz.shape[0]
     M = torch.zeros(m, m, dtype=torch.float64, device=S.device)
     K = torch.zeros(m, m, dtype=torch.float64, device=S.device)
     for start in range(0, S.shape[1], _CHUNK):
-        s = S[:m, start:start + _CHUNK]
-        M += (s @ s.T).double()
-        K += (s @ AS[:m, start:start + _CHUNK].T).double()
+        s = S[b:m, start:start + _CHUNK]
+        M[b:] += (s @ S[:m, start:start + _CHUNK].T).double()
+        K[b:] += (s @ AS[:m, start:start + _CHUNK].T).double()
+    if b:
+        M[:b, :b] = torch.eye(b, dtype=torch.float64, device=S.device)
+        K[:b, :b] = torch.diag(ritz)
+        M[:b, b:] = M[b:, :b].T
+        K[:b, b:] = K[b:, :b].T
     return M, K
 
 
-def _rotate(S: Tensor, AS: Tensor, m: int, C: Tensor) -> None:
-    """In place: rows ``[:r]`` of ``S`` and ``AS`` become ``C^T`` times their first ``m`` rows, ``C`` an
-    ``(m, r)`` float64 matrix with ``r <= m``; column chunk by column chunk, so no second block is allocated."""
-    Ct = C.T.to(S.dtype)
-    r = Ct.shape[0]
+def _rotate(S: Tensor, AS: Tensor, m: int, Y: Tensor, Yp: Optional[Tensor] = None) -> None:
+    """In place, column chunk by column chunk (no second tall block): the Ritz vectors ``X = Y^T S[:m]`` into rows
+    ``[:b]`` and the search directions ``P = Yp^T S[:m]`` into rows ``[b:b + p]`` of ``S``, the same for ``AS``.
+    ``Y`` is ``(m, b)``, ``Yp`` ``(m, p)`` float64 with zero rows ``[:b]`` (directions outside the old ``X``)."""
+    b = Y.shape[1]
+    Yt = Y.T.to(S.dtype)
+    Pt = None if Yp is None else Yp[b:].T.to(S.dtype)
     for start in range(0, S.shape[1], _CHUNK):
         cols = slice(start, start + _CHUNK)
-        S[:r, cols] = Ct @ S[:m, cols]
-        AS[:r, cols] = Ct @ AS[:m, cols]
+        for A in (S, AS):
+            x = Yt @ A[:m, cols]
+            if Pt is not None:
+                A[b:b + Pt.shape[0], cols] = Pt @ A[b:m, cols]
+            A[:b, cols] = x
 
 
 def _row_norms(A: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(A, dim=1, dtype=torch.float64)
+    """Euclidean norms of the rows of ``A`` in float64, summed over column chunks."""
+    sq = torch.zeros(A.shape[0], dtype=torch.float64, device=A.device)
+    for start in range(0, A.shape[1], _CHUNK):
+        c = A[:, start:start + _CHUNK]
+        sq += (c * c).sum(1).double()
+    return sq.sqrt()
 
 
 def _apply(S: Tensor, Y: Tensor) -> Tensor:
@@ -218,8 +238,8 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     products = 0
 
     # The basis lives in row blocks, one vector per row (contiguous): S = [X; P; W] and AS = A S, at most 3b
-    # rows each. Ritz vectors and search directions are formed in place, and only the (m, m) projections
-    # S S^T and S AS^T are formed (float64): no tall temporary and no (AS)(AS)^T.
+    # rows each. Ritz vectors and search directions are formed in place; of the (m, m) projections S S^T and
+    # S AS^T (float64) only the rows of P and W are multiplied out: no tall temporary and no (AS)(AS)^T.
     b = X.shape[1]
     S = X.new_empty(3 * b, n)
     AS = X.new_empty(3 * b, n)
@@ -227,20 +247,19 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     AS[:b] = operator.matmat(X).T
     products += b
     del X
-    n_dirs, m, iters = 0, b, 0
+    n_dirs, m, iters, theta = 0, b, 0, None
     while True:
-        M, K = _project(S, AS, m)
+        M, K = _project(S, AS, m, theta)
         theta, Y = _rayleigh_ritz(M, K, b, which, dtype)
-        C = Y
+        Yp = None
         if iters > 0:
             # LOBPCG's search directions: the part of the new Ritz vectors outside the old ones, whitened.
             Yp = Y.clone()
             Yp[:b] = 0
             Yp = Yp @ _whitener(Yp.T @ M @ Yp, dtype)
-            C = torch.cat([Y, Yp], 1)
             n_dirs = Yp.shape[1]
-        _rotate(S, AS, m, C)
-        R = AS[:b] - theta.to(dtype)[:, None] * S[:b]
+        _rotate(S, AS, m, Y, Yp)
+        R = torch.addcmul(AS[:b], S[:b], -theta.to(dtype)[:, None])
         rnorm = _row_norms(R)
         active = rnorm > tol * _scale(theta)
         if not bool(active[:k].any()) or iters >= max_iters:
