@@ -182,10 +182,28 @@ def test_comparison_table_agrees_with_json(tiny_compare):
             assert row["Flow time at target"] == f"{side['t_target']:.5g}", where
             assert row["Monotone"] == ("yes" if side["strictly_decreasing"] else "no"), where
         assert peer_row["Peer/ours wall"] == f"{c['peer_over_ours_wall']:.2f}"
+        # Step 0's products (the cold start) from each run's own per-step history.
+        histories = {(r["implementation"], r["solver"]): r["history"]
+                     for r in record["runs"] + record["peer_runs"]}
+        for row, key in ((ours_row, "ours"), (peer_row, "peer")):
+            first = histories[(row["Implementation"], c["solver"])][0]["n_hvp"]
+            assert c["first_step_hvp"][key] == first and row["HVPs step 0"] == str(first), (row, first)
         assert ours_row["Floor (s)"] == f"{c['floor']:.3f}"
         assert ours_row["Wall/floor"] == f"{c['ours_wall_over_floor']:.2f}"
         assert c["floor"] == pytest.approx(c["ours"]["steps"] * c["gradient_time"], rel=1e-12)
         assert c["peer_over_ours_wall"] == pytest.approx(c["peer"]["wall_time"] / c["ours"]["wall_time"], rel=1e-12)
+
+
+@needs_peer
+def test_comparison_prints_the_geometric_mean_of_the_wall_ratios(tiny_compare):
+    text, record, _ = tiny_compare
+    for solver in ("exponential-euler", "adaptive"):
+        ratios = [c["peer"]["wall_time"] / c["ours"]["wall_time"] for c in record["comparisons"]
+                  if c["solver"] == solver]
+        expected = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        line = next(line for line in text.splitlines()
+                    if line.startswith("Peer/ours wall, geometric mean") and solver in line)
+        assert f"over {len(ratios)} grid point(s), {solver}: {expected:.2f}" in line, (line, ratios)
 
 
 @needs_peer

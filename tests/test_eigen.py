@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from exponential_euler_solver import eigen
+from exponential_euler_solver.curvature import LinearOperator
 from exponential_euler_solver import (DenseOperator, LossFunction, g_eigenvector, h_eigenvector,
                                       loss_hessian_eigenvector, top_eigenpairs)
 
@@ -78,6 +80,53 @@ def test_eigenpairs_match_eigh(matrix, which, k):
     assert ortho <= 1e-12, f"which={which} k={k}: max |V^T V - I| = {ortho:.3e}"
     assert result.n_products == op.n_products, f"n_products {result.n_products} vs operator's {op.n_products}"
     assert result.residual_norms.shape == (k,) and result.residual_norms.dtype == F64
+
+
+@pytest.mark.parametrize("which,k", [("LM", 3), ("LA", 2)])
+def test_ragged_chunks_match_eigh(matrix, monkeypatch, which, k):
+    # Long reductions and in-place rotations run over column chunks; 7 leaves a ragged last chunk of 50 entries.
+    monkeypatch.setattr(eigen, "_CHUNK", 7)
+    result = top_eigenpairs(DenseOperator(matrix), k, which=which, tol=TOL, max_iters=MAX_ITERS,
+                            generator=torch.Generator().manual_seed(1))
+    _check_result(matrix, result, k, which, TOL, 1e-8)
+
+
+class _ReflectedDiagonal(LinearOperator):
+    """``H diag(ev) H`` with ``H = I - 2 h h^T`` a Householder reflection: exact eigenpairs ``(ev_i, H e_i)`` at
+    any size, applied in O(n) per vector."""
+
+    def __init__(self, ev: torch.Tensor, h: torch.Tensor):
+        super().__init__(ev.shape[0], ev.dtype, ev.device)
+        self.ev, self.h = ev, h / h.norm()
+
+    def reflect(self, X: torch.Tensor) -> torch.Tensor:
+        return X - 2 * self.h[:, None] * (self.h @ X)[None, :]
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.reflect(self.ev[:, None] * self.reflect(X))
+
+
+def test_float32_operator_larger_than_a_chunk():
+    # 40,000 entries = 3 chunks of 16k: float32 products per chunk, float64 sums across them.
+    n = 40_000
+    gen = torch.Generator().manual_seed(4)
+    ev64 = torch.cat([torch.tensor([-30.0, 12.0, 11.5], dtype=F64), 2 * torch.rand(n - 3, generator=gen, dtype=F64) - 1])
+    h64 = torch.randn(n, generator=gen, dtype=F64)
+    op = _ReflectedDiagonal(ev64.float(), h64.float())
+    result = top_eigenpairs(op, 3, tol=1e-3, max_iters=200, generator=gen)
+    assert result.converged, f"residuals {result.residual_norms.tolist()}"
+    rel = (result.eigenvalues - ev64[:3]).abs() / ev64[:3].abs()
+    assert bool((rel <= 1e-5).all()), f"eigenvalues {result.eigenvalues.tolist()}, relative errors {rel.tolist()}"
+    # Against the exact eigenvectors H e_i, and residuals recomputed in float64 with the exact operator.
+    exact = _ReflectedDiagonal(ev64, h64)
+    E = exact.reflect(torch.eye(n, 3, dtype=F64))
+    V = result.eigenvectors.double()
+    overlap = (E.T @ V).abs().diagonal()
+    assert bool((overlap >= 1 - 1e-5).all()), f"|<H e_i, v_i>| = {overlap.tolist()}"
+    res = torch.linalg.norm(exact.matmat(V) - V * result.eigenvalues, dim=0)
+    assert bool((res <= 1e-3 * result.eigenvalues.abs()).all()), f"residuals {res.tolist()}"
+    assert bool(((result.residual_norms - res).abs() <= 1e-2 * res + 1e-5).all()), \
+        f"reported residuals {result.residual_norms.tolist()} vs recomputed {res.tolist()}"
 
 
 @pytest.mark.parametrize("max_iters", [0, 3])

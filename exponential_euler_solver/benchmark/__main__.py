@@ -369,7 +369,7 @@ def format_tables(results: Sequence[RunResult], tablefmt: str = "simple") -> str
 
 
 COMPARE_HEADERS = ("# Train", "# Classes", "Seed", "Solver", "Implementation", "Steps", "Gradient evals", "HVPs",
-                   "HVPs/step", "Wall time (s)", "Peer/ours wall", "Floor (s)", "Wall/floor", "Flow time at target",
+                   "HVPs/step", "HVPs step 0", "Wall time (s)", "Peer/ours wall", "Floor (s)", "Wall/floor", "Flow time at target",
                    "Monotone")
 
 
@@ -396,6 +396,29 @@ def _stopped(r: RunResult) -> str:
     return f"stopped after --max-steps {r.steps} steps"
 
 
+def geometric_mean_ratio(points: Sequence[PointResult], solver: str) -> tuple[Optional[float], int, int]:
+    """Geometric mean over the grid points of the peer's wall time over ours for ``solver``; returns
+    ``(mean, n_runs, n_peer_stopped)``, the last counting peer runs that did not reach the target (their ratio is
+    a lower bound, and so is the mean when there are any). ``(None, 0, 0)`` without pairs."""
+    ratios, stopped = [], 0
+    for _, ours, peer in _pairs(points):
+        ratio = _ratio(peer.wall_time, ours.wall_time)
+        if ours.solver == solver and ratio is not None and ratio > 0:
+            ratios.append(math.log(ratio))
+            stopped += not peer.converged
+    if not ratios:
+        return None, 0, 0
+    return math.exp(sum(ratios) / len(ratios)), len(ratios), stopped
+
+
+def _geometric_mean_line(points: Sequence[PointResult], solver: str) -> Optional[str]:
+    mean, n, stopped = geometric_mean_ratio(points, solver)
+    if mean is None:
+        return None
+    bound = f"; at least, since {stopped} peer run(s) stopped before the target" if stopped else ""
+    return f"Peer/ours wall, geometric mean over {n} grid point(s), {solver}: {mean:.2f}{bound}."
+
+
 def format_comparison(points: Sequence[PointResult], tablefmt: str = "simple") -> str:
     """The table of this library against the peer: two rows per grid point and solver (``ours``, then the peer).
 
@@ -410,7 +433,8 @@ def format_comparison(points: Sequence[PointResult], tablefmt: str = "simple") -
         for r in (ours, peer):
             is_ours = r is ours
             rows.append([r.n_train, r.n_classes, r.seed, r.label, r.implementation, r.steps,
-                         r.n_grad, r.n_hvp, _fmt(r.hvp_per_step, ".1f"), _time_cell(r),
+                         r.n_grad, r.n_hvp, _fmt(r.hvp_per_step, ".1f"), _fmt(r.first_step_hvp, "d"),
+                         _time_cell(r),
                          "-" if is_ours else _fmt(_ratio(peer.wall_time, ours.wall_time), ".2f"),
                          _fmt(floor, ".3f") if is_ours else "-",
                          _fmt(_ratio(ours.wall_time, floor), ".2f") if is_ours else "-",
@@ -418,6 +442,7 @@ def format_comparison(points: Sequence[PointResult], tablefmt: str = "simple") -
             if not r.converged:
                 failed.append(r)
     parts = [tabulate(rows, headers=COMPARE_HEADERS, tablefmt=tablefmt, disable_numparse=True), ""]
+    parts += [line for line in (_geometric_mean_line(points, solver) for solver in SOLVERS) if line]
     parts += ["Floor: our accepted steps x one full-batch gradient of our LossFunction (median of 5 after a "
               "warm-up): " + ", ".join(f"n={p.n_train} C={p.n_classes} seed={p.seed}: "
                                         f"{_fmt(None if p.gradient_time is None else 1e3 * p.gradient_time, '.1f')} ms"
@@ -503,6 +528,7 @@ def _comparison_record(point: PointResult, ours: RunResult, peer: RunResult) -> 
     return {"n_train": ours.n_train, "n_classes": ours.n_classes, "seed": ours.seed, "solver": ours.solver,
             "gradient_time": point.gradient_time, "floor": floor, "ours": _summary(ours), "peer": _summary(peer),
             "peer_over_ours_wall": _ratio(peer.wall_time, ours.wall_time),
+            "first_step_hvp": {"ours": ours.first_step_hvp, "peer": peer.first_step_hvp},
             "ours_wall_over_floor": _ratio(ours.wall_time, floor)}
 
 

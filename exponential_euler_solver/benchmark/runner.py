@@ -251,10 +251,18 @@ class RunResult:
     def hvp_per_step(self) -> Optional[float]:
         return self.n_hvp / self.steps if self.steps else None
 
+    @property
+    def first_step_hvp(self) -> Optional[int]:
+        """Hessian-vector products made by the first accepted step (the cold start of the eigen-solve, with any
+        retries of that step); None without steps."""
+        return self.history[0].n_hvp if self.history else None
+
     def to_dict(self) -> dict:
-        """Plain JSON-ready data: every field, ``hvp_per_step``, and the history as a list of dicts."""
+        """Plain JSON-ready data: every field, ``hvp_per_step``, ``first_step_hvp`` and the history as a list of
+        dicts."""
         out = asdict(self)
         out["hvp_per_step"] = self.hvp_per_step
+        out["first_step_hvp"] = self.first_step_hvp
         return out
 
     @classmethod
