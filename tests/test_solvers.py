@@ -183,6 +183,26 @@ def test_error_control_shrinks_the_step_without_new_hvps(mlp_problem):
     assert solver.corrector and r.n_grad == 1 + 2 * (1 + r.rejections)
 
 
+@pytest.mark.parametrize("make,age", [
+    (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2), 20),
+    (lambda p, loss: euler.AdaptiveGradientDescent(p, loss, 0.05), 10),
+    (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2, max_eig_age=3), 3),
+    (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2, rtol=None), 1),
+])
+def test_eigenpairs_are_refreshed_on_schedule(mlp_problem, make, age):
+    loss, params = mlp_problem
+    solver = make(params.clone(), loss)
+    assert solver.max_eig_age == age
+    n_hvp = 0
+    for step in range(2 * age + 3):
+        r = solver.step()
+        assert r.rejections == 0, f"step {step} was rejected: this test wants the schedule alone"
+        # Products are made exactly at the refreshes, and the pairs a step uses are (step mod age) steps old.
+        assert r.eig_age == step % age, (step, r.eig_age)
+        assert (r.n_hvp > n_hvp) == (r.eig_age == 0), (step, r.n_hvp, n_hvp)
+        n_hvp = r.n_hvp
+
+
 def test_nan_network_raises_library_error():
     class NaNNet(torch.nn.Module):
         def __init__(self):

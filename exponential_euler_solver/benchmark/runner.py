@@ -267,12 +267,12 @@ class RunResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunResult":
-        """The run of :meth:`to_dict` (``hvp_per_step`` is recomputed, not read).
+        """The run of :meth:`to_dict` (``hvp_per_step`` and ``first_step_hvp`` are recomputed, not read).
 
         Raises:
             KeyError, TypeError: ``data`` is not shaped like :meth:`to_dict`'s output.
         """
-        data = {k: v for k, v in data.items() if k != "hvp_per_step"}
+        data = {k: v for k, v in data.items() if k not in ("hvp_per_step", "first_step_hvp")}
         data["history"] = [StepRecord(**h) for h in data.get("history", [])]
         if data.get("fidelity") is not None:
             data["fidelity"] = Fidelity.from_dict(data["fidelity"])
