@@ -5,8 +5,8 @@ The method is LOBPCG without preconditioner (Knyazev 2001): Rayleigh-Ritz on the
 protocol of :mod:`.curvature` (``matmat``, ``shape``, ``dtype``, ``device``). The projected matrices
 (``S^T A S``, ``S^T S``) are summed in float64 over chunks of 16k entries whatever the operator's dtype: a
 float32 reduction over millions of entries loses about three digits. Residual norms are computed from the
-residual vectors themselves, not from projected matrices (which cancel). Eigenvalues are Ritz values, so their signs are true signs, also
-when eigenvalues of opposite sign have nearly equal magnitude.
+residual vectors themselves, not from projected matrices (which cancel). Eigenvalues are Ritz values, so their
+signs are true signs, also when eigenvalues of opposite sign have nearly equal magnitude.
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def test_float32_operator_larger_than_a_chunk():
     # 40,000 entries = 3 chunks of 16k: float32 products per chunk, float64 sums across them.
     n = 40_000
     gen = torch.Generator().manual_seed(4)
-    ev64 = torch.cat([torch.tensor([-30.0, 12.0, 11.5], dtype=F64), 2 * torch.rand(n - 3, generator=gen, dtype=F64) - 1])
+    bulk = 2 * torch.rand(n - 3, generator=gen, dtype=F64) - 1
+    ev64 = torch.cat([torch.tensor([-30.0, 12.0, 11.5], dtype=F64), bulk])
     h64 = torch.randn(n, generator=gen, dtype=F64)
     op = _ReflectedDiagonal(ev64.float(), h64.float())
     result = top_eigenpairs(op, 3, tol=1e-3, max_iters=200, generator=gen)

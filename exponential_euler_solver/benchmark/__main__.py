@@ -369,8 +369,8 @@ def format_tables(results: Sequence[RunResult], tablefmt: str = "simple") -> str
 
 
 COMPARE_HEADERS = ("# Train", "# Classes", "Seed", "Solver", "Implementation", "Steps", "Gradient evals", "HVPs",
-                   "HVPs/step", "HVPs step 0", "Wall time (s)", "Peer/ours wall", "Floor (s)", "Wall/floor", "Flow time at target",
-                   "Monotone")
+                   "HVPs/step", "HVPs step 0", "Wall time (s)", "Peer/ours wall", "Floor (s)", "Wall/floor",
+                   "Flow time at target", "Monotone")
 
 
 def _pairs(points: Sequence[PointResult]):
