@@ -80,7 +80,7 @@ class _LossOperator(LinearOperator):
 
 
 class HessianOperator(_LossOperator):
-    """The Hessian of ``loss`` at ``params`` (forward-over-reverse products, one pass over the data per block).
+    """The Hessian of ``loss`` at ``params`` (:meth:`LossFunction.hvp` products, one pass over the data per block).
 
     ``params`` is held by reference: an operator built on a tensor the solver updates in place follows it.
     """
