@@ -142,16 +142,24 @@ def _torch_load(path: PathLike, fmt: str, what: str) -> dict:
             reason = "it is truncated or corrupt"
         raise CheckpointError(f"cannot read {what} {path!r}: {reason} ({type(exc).__name__}: "
                               f"{_short_reason(exc)})") from exc
+    problem = _format_problem(obj, fmt)
+    if problem is not None:
+        raise CheckpointError(f"{path!r} is not a {what} of exponential_euler_solver that this version reads: "
+                              f"{problem}")
+    return obj
+
+
+def _format_problem(obj, fmt: str) -> Optional[str]:
+    """Why ``obj`` is not data of format ``fmt`` at a version this library reads, or None if it is."""
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = (f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict)
                  else f"a {type(obj).__name__}")
-        raise CheckpointError(f"{path!r} is not a {what} of exponential_euler_solver: it has no "
-                              f"'format': {fmt!r} marker (found {found})")
+        return f"it has no 'format': {fmt!r} marker (found {found})"
     version = obj.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{what} {path!r} has format version {version!r}; this library reads versions up to "
-                              f"{FORMAT_VERSION} (upgrade exponential_euler_solver)")
-    return obj
+        return (f"it has format version {version!r}; this library reads versions up to {FORMAT_VERSION} "
+                f"(upgrade exponential_euler_solver)")
+    return None
 
 
 def _short_reason(exc: Exception, limit: int = 160) -> str:
@@ -559,13 +567,9 @@ class Trajectory:
         return traj
 
     def _restore(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != TRAJECTORY_FORMAT:
-            raise ValueError(f"state must be a dict from Trajectory.to_dict() (with 'format': {TRAJECTORY_FORMAT!r});"
-                             f" got {type(state).__name__}")
-        version = state.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"trajectory format version {version!r} is newer than this library's "
-                             f"{FORMAT_VERSION}")
+        problem = _format_problem(state, TRAJECTORY_FORMAT)
+        if problem is not None:
+            raise ValueError(f"state must be a dict from Trajectory.to_dict(): {problem}")
         columns = state.get("columns", {})
         if set(columns) != set(_COLUMNS) or len({len(v) for v in columns.values()}) > 1:
             raise ValueError(f"trajectory columns must be {list(_COLUMNS)} of one length; got "

@@ -277,6 +277,20 @@ def test_extra_must_be_plain(problem, tmp_path):
 
 
 # -- checkpoints: damaged files ------------------------------------------------------------------------------
+def test_a_newer_format_version_is_refused_in_files_and_dicts(tmp_path):
+    state = euler.Trajectory().to_dict()
+    state["format_version"] = trajectory_module.FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match=f"format version {trajectory_module.FORMAT_VERSION + 1}"):
+        euler.Trajectory.from_dict(state)
+    path = tmp_path / "newer.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=f"format version {trajectory_module.FORMAT_VERSION + 1}") as info:
+        euler.Trajectory.load(path)
+    assert str(path) in str(info.value) and "upgrade" in str(info.value), info.value
+    with pytest.raises(ValueError, match="no 'format'"):
+        euler.Trajectory.from_dict({"columns": {}})
+
+
 def test_damaged_files_raise_checkpoint_error_naming_the_path(problem, tmp_path):
     loss, theta = problem
     good = tmp_path / "good.pt"
