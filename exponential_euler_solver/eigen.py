@@ -326,14 +326,18 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
 
     start = None
     if init is None and krylov_dim >= block_size + KRYLOV_WIDTH:
-        start = _block_krylov(operator, k, block_size, which, tol, krylov_dim, (max_iters + 1) * block_size,
-                              generator)
+        budget = (max_iters + 1) * block_size
+        start = _block_krylov(operator, k, block_size, which, tol, krylov_dim, budget, generator)
         products += start.products
-        if start.converged or products + block_size > (max_iters + 1) * block_size:
+        if start.converged or products + block_size > budget:
             return _result(operator, start_products, products, start.theta[:k], start.X[:k], start.rnorm[:k],
                            start.restarts, tol)
-        if start.X.shape[0] < block_size:  # an invariant Krylov space smaller than the block: LOBPCG from random
+        # LOBPCG goes on within what is left of the budget, from the Ritz vectors or, should the Krylov space have
+        # stopped short of the block size, from random ones (whose products come first).
+        max_iters = (budget - products) // block_size
+        if start.X.shape[0] < block_size:
             start = None
+            max_iters -= 1
     if start is None:
         columns = []
         if init is not None:

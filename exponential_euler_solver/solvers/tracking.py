@@ -23,7 +23,8 @@ class EigenTracker:
     Args:
         n_pairs: number of eigenpairs.
         tol: relative residual tolerance of each refresh.
-        max_iters: LOBPCG iterations per warm refresh (a cold start gets ``COLD_MAX_ITERS``).
+        max_iters: LOBPCG iterations per warm refresh. A cold start (block Lanczos, see
+            :func:`~exponential_euler_solver.eigen.top_eigenpairs`) gets ``COLD_MAX_ITERS``.
         seed: seed of the tracker's own RNG for the cold start (torch's global RNG is never touched).
     """
 
