@@ -178,10 +178,9 @@ KRYLOV_WIDTH = 2
 
 
 @dataclass
-class _KrylovStart:
+class _KrylovResult:
     theta: Tensor       # (b,) float64 Ritz values, selected and ordered by ``which``
-    X: Tensor           # (b, n) Ritz vectors, one per row
-    AX: Tensor          # (b, n) their products, from the Krylov relation
+    X: Tensor           # (min(b, basis size), n) Ritz vectors, one per row
     rnorm: Tensor       # (b,) float64 residual norms
     products: int
     restarts: int
@@ -189,7 +188,7 @@ class _KrylovStart:
 
 
 def _block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, budget: int,
-                  generator: Optional[torch.Generator]) -> _KrylovStart:
+                  generator: Optional[torch.Generator]) -> _KrylovResult:
     """Thick-restarted block Lanczos (Wu & Simon 2000) from ``KRYLOV_WIDTH`` random vectors: Rayleigh-Ritz on a
     Krylov basis of at most ``dim`` vectors, grown until its ``k`` wanted Ritz pairs meet ``tol`` (with at least
     ``b`` vectors in the basis) or ``budget`` products are spent. A full basis restarts from its ``b`` best Ritz
@@ -197,8 +196,8 @@ def _block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, bu
 
     Each new block is orthogonalised against the whole basis twice (classical Gram-Schmidt, float64
     coefficients), so ``A V^T = V^T T + W^T E`` holds with ``T = V A V^T`` (float64, filled as the blocks come)
-    and ``W`` the orthogonalised image of the last block ``E``. Residuals and products of the Ritz vectors follow
-    from it without further products: ``A x = theta x + W^T z_E``, ``||A x - theta x||^2 = z_E^T (W W^T) z_E``.
+    and ``W`` the orthogonalised image of the last block ``E``. The Ritz vectors' residuals follow from it without
+    further products: ``A x - theta x = W^T z_E``, so ``||A x - theta x||^2 = z_E^T (W W^T) z_E``.
     It also holds after a restart, with ``T = [[diag(theta), s^T], [s, ...]]``. When ``W`` loses a direction
     (dependent on the basis) the relation would not survive the next block, so the search stops there:
     ``converged`` says whether the pairs are good, and the caller goes on with LOBPCG otherwise."""
@@ -244,10 +243,7 @@ def _block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, bu
             restarts += 1
         V[hi:hi + grow] = whiten.T.to(dtype) @ W
         lo, hi = hi, hi + grow
-    X = Z.T.to(dtype) @ V[:hi]
-    del V
-    AX = torch.addmm(theta.to(dtype)[:, None] * X, ZE.T.to(dtype), W)
-    return _KrylovStart(theta=theta, X=X, AX=AX, rnorm=rnorm, products=products, restarts=restarts,
+    return _KrylovResult(theta=theta, X=Z.T.to(dtype) @ V[:hi], rnorm=rnorm, products=products, restarts=restarts,
                         converged=converged)
 
 
@@ -255,7 +251,7 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
                    tol: Optional[float] = None, max_iters: int = 100,
                    generator: Optional[torch.Generator] = None, block_size: Optional[int] = None,
                    krylov_dim: Optional[int] = None) -> EigenResult:
-    """The ``k`` extreme eigenpairs of a symmetric operator by warm-started LOBPCG.
+    """The ``k`` extreme eigenpairs of a symmetric operator: warm-started LOBPCG, or block Lanczos from cold.
 
     Stops when every residual satisfies ``||A v_i - lambda_i v_i|| <= tol * max(|lambda_i|, ZERO_FLOOR *
     max_j |lambda_j|)`` or after ``max_iters``
@@ -266,8 +262,8 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     random vectors at a time, up to ``krylov_dim`` vectors, restarted from its best ``block_size`` Ritz vectors
     when full. A Krylov basis keeps every direction it has seen, where LOBPCG keeps three blocks: on the
     benchmark's Hessians at initialisation (tol 1e-2) it needed 16, 34 and 50 products at 2, 4 and 10 classes
-    where LOBPCG needed 28, 75 and 148. Should a block turn out dependent before the basis holds ``block_size``
-    vectors or the pairs converge, LOBPCG goes on from the Ritz vectors.
+    where LOBPCG needed 28, 75 and 148. Should a block turn out dependent before the pairs converge, LOBPCG goes
+    on from the Ritz vectors.
 
     Args:
         operator: an object with ``shape``, ``dtype``, ``device`` and ``matmat(X)`` for ``X`` of shape (n, m).
@@ -324,7 +320,6 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     start_products = operator.n_products if hasattr(operator, "n_products") else None
     products = 0
 
-    start = None
     if init is None and krylov_dim >= block_size + KRYLOV_WIDTH:
         budget = (max_iters + 1) * block_size
         start = _block_krylov(operator, k, block_size, which, tol, krylov_dim, budget, generator)
@@ -332,44 +327,36 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
         if start.converged or products + block_size > budget:
             return _result(operator, start_products, products, start.theta[:k], start.X[:k], start.rnorm[:k],
                            start.restarts, tol)
-        # LOBPCG goes on within what is left of the budget, from the Ritz vectors or, should the Krylov space have
-        # stopped short of the block size, from random ones (whose products come first).
-        max_iters = (budget - products) // block_size
-        if start.X.shape[0] < block_size:
-            start = None
-            max_iters -= 1
-    if start is None:
-        columns = []
-        if init is not None:
-            columns.append(init.detach().to(dtype=dtype, device=device))
-        n_init = columns[0].shape[1] if columns else 0
-        if n_init < block_size:
-            rand = torch.randn(n, block_size - n_init, generator=generator, dtype=dtype,
-                               device=generator.device if generator is not None else "cpu").to(device)
-            columns.append(rand)
-        X = torch.cat(columns, dim=1) if len(columns) > 1 else columns[0].clone()
-        X = _orthonormalize(X[:, :max(block_size, n_init)])
-        if X.shape[1] < k:
-            raise ValueError(f"init must have {k} linearly independent columns; got rank {X.shape[1]}")
+        # A block turned out dependent first (the Krylov space is invariant in some direction): LOBPCG goes on
+        # from the Ritz vectors, within what is left of the budget.
+        init = start.X.T
+        max_iters = (budget - products) // block_size - 1
+        del start
+
+    columns = []
+    if init is not None:
+        columns.append(init.detach().to(dtype=dtype, device=device))
+    n_init = columns[0].shape[1] if columns else 0
+    if n_init < block_size:
+        rand = torch.randn(n, block_size - n_init, generator=generator, dtype=dtype,
+                           device=generator.device if generator is not None else "cpu").to(device)
+        columns.append(rand)
+    X = torch.cat(columns, dim=1) if len(columns) > 1 else columns[0].clone()
+    X = _orthonormalize(X[:, :max(block_size, n_init)])
+    if X.shape[1] < k:
+        raise ValueError(f"init must have {k} linearly independent columns; got rank {X.shape[1]}")
 
     # The basis lives in row blocks, one vector per row (contiguous): S = [X; P; W] and AS = A S, at most 3b
     # rows each. Ritz vectors and search directions are formed in place; of the (m, m) projections S S^T and
     # S AS^T (float64) only the rows of P and W are multiplied out: no tall temporary and no (AS)(AS)^T.
-    if start is None:
-        b = X.shape[1]
-        S = X.new_empty(3 * b, n)
-        AS = X.new_empty(3 * b, n)
-        S[:b] = X.T
-        AS[:b] = operator.matmat(X).T
-        products += b
-        del X
-        theta = None
-    else:  # Ritz vectors of the Krylov space, with their products and Ritz values
-        b = start.X.shape[0]
-        S = start.X.new_empty(3 * b, n)
-        AS = start.X.new_empty(3 * b, n)
-        S[:b], AS[:b], theta = start.X, start.AX, start.theta
-        del start
+    b = X.shape[1]
+    S = X.new_empty(3 * b, n)
+    AS = X.new_empty(3 * b, n)
+    S[:b] = X.T
+    AS[:b] = operator.matmat(X).T
+    products += b
+    del X
+    theta = None
     n_dirs, m, iters = 0, b, 0
     while True:
         M, K = _project(S, AS, m, theta)
