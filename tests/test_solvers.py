@@ -183,6 +183,35 @@ def test_error_control_shrinks_the_step_without_new_hvps(mlp_problem):
     assert solver.corrector and r.n_grad == 1 + 2 * (1 + r.rejections)
 
 
+def test_a_refresh_after_a_rejection_caps_the_retry():
+    # The curvature along b jumps from ~1 to ~21 once the flow takes a below 1. The eigenpairs are refreshed only
+    # after a rejection (max_eig_age is huge), so the first step past the jump uses a stale sharpness of ~1, its
+    # loss rises, and the refresh must also cap the retry at 1/|lambda_1| of the fresh pair; halving dt alone
+    # would need 3 rejections and land at 0.0625 > 1/21.
+    def criterion(out, _y):
+        a, b = out[:, 0], out[:, 1]
+        kappa = 1 + 20 * torch.sigmoid((1 - a) / 0.05)
+        return 0.5 * kappa * b ** 2 + 0.5 * a ** 2
+
+    loss = euler.LossFunction(TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1)), criterion,
+                              _Vector(2))
+    p = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    solver = euler.AdaptiveGradientDescent(p, loss, 0.5, rtol=None, max_eig_age=1000)
+    for step in range(4):
+        start = p.clone()
+        r = solver.step()
+        if r.rejections:
+            break
+    else:
+        pytest.fail("no step was rejected: the test problem no longer crosses the curvature jump with stale pairs")
+    assert step == 2 and r.eig_age == 0, (step, r.eig_age)
+    true = float(torch.linalg.eigvalsh(dense_hessian(loss, start)).abs().max())
+    assert r.sharpness == pytest.approx(true, rel=1e-8), (r.sharpness, true)
+    assert true > 20, true
+    assert r.rejections == 1 and r.dt == pytest.approx(1 / true, rel=1e-8), (r.rejections, r.dt, 1 / true)
+    assert r.new_loss < r.loss
+
+
 @pytest.mark.parametrize("make,age", [
     (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2), 20),
     (lambda p, loss: euler.AdaptiveGradientDescent(p, loss, 0.05), 10),
