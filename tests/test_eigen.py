@@ -215,19 +215,22 @@ def test_krylov_cold_start_needs_fewer_products_than_lobpcg(matrix, which, k):
     assert counts["krylov"] < counts["lobpcg"], f"products: {counts}"
 
 
-def test_krylov_cold_start_on_a_low_rank_operator():
-    # Rank 3: the Krylov space of two random vectors has at most 5 dimensions, so a block soon has a dependent
-    # direction and the Krylov search stops short of the block size; LOBPCG takes over. The three nonzero pairs
-    # must still be exact and the fourth zero.
+@pytest.mark.parametrize("spectrum,k", [((6.0, -4.0, 2.5), 4), ((6.0, -4.75, 3.5, -2.25, 1.0), 2)])
+def test_krylov_cold_start_on_a_low_rank_operator(spectrum, k):
+    # The Krylov space of two random vectors has at most rank + 2 dimensions, so a block soon has a dependent
+    # direction and the Krylov search stops; LOBPCG takes over from its Ritz vectors. Rank 3 with k = 4 stops
+    # short of the block size (4 Ritz vectors for a block of 6, topped up with random ones); rank 5 with k = 2
+    # stops with all 4 of the block, unconverged (both seen in the code's own trace). The nonzero pairs must be
+    # exact and any further one zero.
     gen = torch.Generator().manual_seed(5)
     Q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen, dtype=F64))
     ev = torch.zeros(N, dtype=F64)
-    ev[:3] = torch.tensor([6.0, -4.0, 2.5], dtype=F64)
+    ev[:len(spectrum)] = torch.tensor(spectrum, dtype=F64)
     A = (Q * ev) @ Q.T
     A = (A + A.T) / 2
-    result = top_eigenpairs(DenseOperator(A), 4, tol=1e-10, generator=gen)
+    result = top_eigenpairs(DenseOperator(A), k, tol=1e-10, generator=gen)
     assert result.converged, f"residuals {result.residual_norms.tolist()}"
-    expected = torch.tensor([6.0, -4.0, 2.5, 0.0], dtype=F64)
+    expected = torch.tensor((list(spectrum) + [0.0] * k)[:k], dtype=F64)
     assert torch.allclose(result.eigenvalues, expected, atol=1e-10), f"eigenvalues {result.eigenvalues.tolist()}"
     res = _residuals(A, result.eigenvalues, result.eigenvectors)
     assert bool((res <= 1e-9).all()), f"residuals {res.tolist()}"
