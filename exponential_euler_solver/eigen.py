@@ -170,6 +170,14 @@ def _rayleigh_ritz(M: Tensor, K: Tensor, b: int, which: str, dtype: torch.dtype)
     return values[idx], T @ Z[:, idx]
 
 
+def _random_columns(n: int, m: int, generator: Optional[torch.Generator], dtype: torch.dtype,
+                    device: torch.device) -> Tensor:
+    """``(n, m)`` standard normal starting vectors, drawn on the generator's device (torch's global RNG when
+    ``generator`` is None) and moved to ``device``."""
+    return torch.randn(n, m, generator=generator, dtype=dtype,
+                       device=generator.device if generator is not None else "cpu").to(device)
+
+
 # Vectors added to a cold start's Krylov basis per step: a block of two still finds a pair of (nearly) equal
 # eigenvalues, which a single vector's Krylov space reaches only through rounding. Measured on the benchmark's
 # Hessian at initialisation (n_train 64, 4 classes; Ritz residuals after 32-36 products): 2 vectors at a time
@@ -202,8 +210,7 @@ def _block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, bu
     (dependent on the basis) the relation would not survive the next block, so the search stops there:
     ``converged`` says whether the pairs are good, and the caller goes on with LOBPCG otherwise."""
     n, dtype, device = operator.shape[0], operator.dtype, operator.device
-    rand = torch.randn(n, KRYLOV_WIDTH, generator=generator, dtype=dtype,
-                       device=generator.device if generator is not None else "cpu").to(device)
+    rand = _random_columns(n, KRYLOV_WIDTH, generator, dtype, device)
     Q = _orthonormalize(rand)
     V = Q.new_empty(dim, n)
     T = torch.zeros(dim, dim, dtype=torch.float64, device=device)
@@ -338,9 +345,7 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
         columns.append(init.detach().to(dtype=dtype, device=device))
     n_init = columns[0].shape[1] if columns else 0
     if n_init < block_size:
-        rand = torch.randn(n, block_size - n_init, generator=generator, dtype=dtype,
-                           device=generator.device if generator is not None else "cpu").to(device)
-        columns.append(rand)
+        columns.append(_random_columns(n, block_size - n_init, generator, dtype, device))
     X = torch.cat(columns, dim=1) if len(columns) > 1 else columns[0].clone()
     X = _orthonormalize(X[:, :max(block_size, n_init)])
     if X.shape[1] < k:

@@ -280,6 +280,8 @@ def test_init_with_fewer_columns_than_k(matrix):
     pytest.param({"tol": -1e-8}, "tol", id="tol<0"),
     pytest.param({"max_iters": -1}, "max_iters", id="max_iters<0"),
     pytest.param({"block_size": 1}, "block_size", id="block_size<k"),
+    pytest.param({"krylov_dim": -1}, "krylov_dim", id="krylov_dim<0"),
+    pytest.param({"krylov_dim": 12.0}, "krylov_dim", id="krylov_dim-float"),
     pytest.param({"init": torch.zeros(N - 1, 2, dtype=F64)}, "init", id="init-(n-1,2)"),
     pytest.param({"init": torch.zeros(N - 1, dtype=F64)}, "init", id="init-(n-1,)"),
     pytest.param({"init": torch.zeros(N, 2, 1, dtype=F64)}, "init", id="init-3d"),

@@ -23,10 +23,11 @@ DEFAULT_MAX_EIG_AGE = 10
 class EigenSolverBase(Solver):
     """A solver whose step needs the ``n_pairs`` Hessian eigenpairs of largest magnitude.
 
-    The eigenpairs are refreshed (warm-started LOBPCG to relative residual ``eig_tol``) at the start of a step
-    when they are ``max_eig_age`` accepted steps old (default: 1 without error control, else the class's
-    ``default_max_eig_age``), and after a rejected proposal that used older ones; a rejection with fresh
-    eigenpairs retries with the same ones (no new products).
+    The eigenpairs are computed at the first step (block Lanczos, see
+    :func:`~exponential_euler_solver.eigen.top_eigenpairs`) and refreshed (warm-started LOBPCG to relative
+    residual ``eig_tol``) at the start of a step when they are ``max_eig_age`` accepted steps old (default: 1
+    without error control, else the class's ``default_max_eig_age``), and after a rejected proposal that used
+    older ones; a rejection with fresh eigenpairs retries with the same ones (no new products).
     """
 
     default_max_eig_age = DEFAULT_MAX_EIG_AGE
