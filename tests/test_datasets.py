@@ -205,15 +205,132 @@ def test_cifar10_refuses_arbitrary_globals(cifar_root, tmp_path):
 
 
 # --------------------------------------------------------------------------
+# photos (patches of scikit-image's bundled photographs)
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def photos():
+    pytest.importorskip("skimage")
+    return ds.load_dataset("photos")
+
+
+def _photo_mean_colour(name):
+    """Mean RGB of a source photograph straight from skimage.data (retina: central 70% square)."""
+    from skimage import data as skdata
+
+    img = skdata.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skdata, name)()
+    if name == "retina":
+        lo = int(round(0.15 * img.shape[0]))
+        img = img[lo:-lo, lo:-lo]
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return img.reshape(-1, 3).mean(axis=0) / 255.0
+
+
+def test_photos_shape_dtype_range_and_counts(photos):
+    X, y = photos
+    n_classes = len(ds.PHOTOS_CLASSES)
+    assert n_classes == 10 and len(set(ds.PHOTOS_CLASSES)) == 10
+    assert ds.PHOTOS_PER_CLASS >= 2048
+    assert X.shape == (n_classes * ds.PHOTOS_PER_CLASS, 3072) and X.dtype == torch.float32
+    assert y.shape == (X.shape[0],) and y.dtype == torch.int64
+    assert float(X.min()) >= 0.0 and float(X.max()) <= 1.0
+    assert float(X.min()) < 0.01 and float(X.max()) > 0.99
+    assert torch.bincount(y).tolist() == [ds.PHOTOS_PER_CLASS] * n_classes
+    assert torch.equal(y, torch.arange(n_classes).repeat_interleave(ds.PHOTOS_PER_CLASS))
+    assert int((y < 2).sum()) >= 4096
+
+
+def test_photos_deterministic_and_offline(photos, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the photos dataset must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    X, y = photos
+    X2, y2 = ds.load_photos(data_dir="/does/not/matter")  # cached
+    assert torch.equal(X2, X) and torch.equal(y2, y)
+    state = torch.get_rng_state()
+    ds._build_photos.cache_clear()
+    X3, y3 = ds.load_photos()  # built again from the files
+    assert torch.equal(torch.get_rng_state(), state)
+    assert X3 is not X and torch.equal(X3, X) and torch.equal(y3, y)
+
+
+def test_photos_classes_are_distinct_photographs(photos):
+    X, y = photos
+    n_classes = len(ds.PHOTOS_CLASSES)
+    img = X.view(n_classes, ds.PHOTOS_PER_CLASS, 3, 32 * 32)
+    # label k comes from photograph PHOTOS_CLASSES[k]: its mean colour is the nearest one
+    class_colour = (img.sum(dim=3).double().mean(dim=1) / (32 * 32)).numpy()
+    photo_colour = np.stack([_photo_mean_colour(name) for name in ds.PHOTOS_CLASSES])
+    dist = np.abs(class_colour[:, None, :] - photo_colour[None, :, :]).max(axis=-1)
+    assert dist.argmin(axis=1).tolist() == list(range(n_classes))
+    assert float(dist.diagonal().max()) < 0.05
+    # the two grayscale photographs have identical channels, the colour ones do not
+    gray = [k for k in range(n_classes)
+            if torch.equal(img[k, :, 0], img[k, :, 1]) and torch.equal(img[k, :, 0], img[k, :, 2])]
+    assert gray == [ds.PHOTOS_CLASSES.index("camera"), ds.PHOTOS_CLASSES.index("coins")]
+    # class-mean images are far apart, and no patch occurs twice (within or across classes)
+    means = X.view(n_classes, ds.PHOTOS_PER_CLASS, -1).mean(dim=1)
+    gaps = torch.cdist(means, means)[~torch.eye(n_classes, dtype=torch.bool)]
+    assert float(gaps.min()) > 1.0
+    w = torch.randn(3072, 2, generator=torch.Generator().manual_seed(0))
+    fingerprints = X @ w  # two random projections: equal patches have equal rows
+    assert torch.unique(fingerprints, dim=0).shape[0] == X.shape[0]
+
+
+def test_photos_patch_grid_matches_photograph(photos):
+    import torch.nn.functional as F
+    from skimage import data as skdata
+
+    X, _ = photos
+    # class 1 (chelsea, 300x451): its first patch is the top-left corner of the copy with shorter side 256
+    assert ds.PHOTOS_CLASSES[1] == "chelsea"
+    photo = torch.from_numpy(skdata.chelsea()).permute(2, 0, 1)[None].float() / 255
+    copy = F.interpolate(photo, size=(256, 385), mode="bilinear", align_corners=False, antialias=True)
+    first = X[ds.PHOTOS_PER_CLASS].view(3, 32, 32)
+    torch.testing.assert_close(first, copy[0, :, :32, :32].clamp(0, 1), rtol=0, atol=1e-6)
+
+
+def test_photos_normalize_option(photos):
+    X, y = photos
+    Xn, yn = ds.load_photos(normalize=True)
+    assert Xn.shape == X.shape and Xn.dtype == torch.float32 and torch.equal(yn, y)
+    per_channel = Xn.view(X.shape[0], 3, -1)
+    count = X.shape[0] * 32 * 32
+    mean = per_channel.sum(dim=2).double().sum(dim=0) / count
+    mean_sq = torch.linalg.vector_norm(per_channel, dim=2).double().square().sum(dim=0) / count
+    torch.testing.assert_close(mean, torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(mean_sq, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-3)
+    # an increasing affine map of each channel: it keeps the order of the values
+    k = ds.PHOTOS_PER_CLASS * 3 + 17
+    for c in range(3):
+        order = torch.argsort(X[k, 1024 * c : 1024 * (c + 1)])
+        assert bool((Xn[k, 1024 * c : 1024 * (c + 1)][order].diff() >= 0).all())
+    assert float(ds.load_photos()[0].max()) <= 1.0  # the cached [0, 1] tensors are untouched
+
+
+def test_photos_select_subset_4096_two_classes(photos):
+    X, y = photos
+    Xs, ys = ds.select_subset(X, y, n_train=4096, n_classes=2, seed=0)
+    assert Xs.shape == (4096, 3072) and Xs.dtype == torch.float32
+    assert set(ys.tolist()) == {0, 1}
+    Xa, ya = ds.select_subset(X, y, n_train=4096, n_classes=10, seed=0)
+    assert Xa.shape == (4096, 3072) and set(ya.tolist()) == set(range(10))
+
+
+# --------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------
 def test_registry_and_unknown_name():
-    assert {"digits", "cifar10"} <= set(ds.DATASETS)
+    assert {"digits", "cifar10", "photos"} <= set(ds.DATASETS)
+    assert ds.DATASETS["photos"] is ds.load_photos
     with pytest.raises(ValueError) as exc:
         ds.load_dataset("mnist")
     msg = str(exc.value)
     assert "dataset" in msg and "'mnist'" in msg
-    assert "digits" in msg and "cifar10" in msg
+    assert "digits" in msg and "cifar10" in msg and "photos" in msg
 
 
 # --------------------------------------------------------------------------
