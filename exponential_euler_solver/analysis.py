@@ -14,16 +14,17 @@ import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from .curvature import GaussNewtonOperator, HessianOperator, ResidualOperator
-from .eigen import top_eigenpairs
-from .trajectory import Trajectory, atomic_write
+from .curvature import OPERATORS, GaussNewtonOperator, HessianOperator, ResidualOperator
+from .files import atomic_write
+from .linalg import top_eigenpairs
+from .trajectory import Trajectory
 
-__all__ = ["make_layerwise_jacobian_function", "top_eigenvalues_along", "plot_loss", "plot_eigenvalues",
-           "ELEMENTWISE_ACTIVATIONS"]
+__all__ = ["make_layerwise_jacobian_function", "top_eigenvalues_along", "loss_hessian_eigenvector", "g_eigenvector",
+           "h_eigenvector", "plot_loss", "plot_eigenvalues", "ELEMENTWISE_ACTIVATIONS"]
 
 # Modules that act on each entry of their input separately (their Jacobian is diagonal).
 ELEMENTWISE_ACTIVATIONS = (
@@ -32,7 +33,6 @@ ELEMENTWISE_ACTIVATIONS = (
     nn.Hardswish, nn.Hardshrink, nn.Softshrink, nn.Threshold,
 )
 
-_OPERATORS = {"hessian": HessianOperator, "gn": GaussNewtonOperator, "residual": ResidualOperator}
 _GUARD = 2  # extra search vectors per eigensolve beyond k (see top_eigenpairs' block_size)
 PNG_DPI = 120
 LOG_SCALE_RATIO = 30.0  # plot_eigenvalues uses a log y axis when the values span more than this factor
@@ -148,7 +148,7 @@ def top_eigenvalues_along(trajectory_params: Union[Trajectory, Sequence[Tensor],
     """The top ``k`` eigenvalues of the Hessian, G or H at each of a sequence of parameter vectors.
 
     At each point the operator (``'hessian'``: the loss Hessian; ``'gn'``: the Gauss-Newton matrix ``G``;
-    ``'residual'``: ``H = Hessian - G``) is handed to :func:`~exponential_euler_solver.eigen.top_eigenpairs`,
+    ``'residual'``: ``H = Hessian - G``) is handed to :func:`~exponential_euler_solver.linalg.top_eigenpairs`,
     warm-started from the previous point's eigenvectors, with ``_GUARD`` extra random search vectors (drawn from
     a generator seeded with ``seed``; torch's global RNG is not touched) so a change in the ordering along the
     trajectory is followed.
@@ -160,9 +160,10 @@ def top_eigenvalues_along(trajectory_params: Union[Trajectory, Sequence[Tensor],
         loss: the :class:`~exponential_euler_solver.LossFunction`.
         k: number of eigenvalues per point, ``1 <= k < P``.
         which: ``'LM'`` largest magnitude, ``'LA'`` largest algebraic, ``'SA'`` smallest algebraic.
-        operator: ``'hessian'``, ``'gn'`` or ``'residual'``.
+        operator: a name in :data:`~exponential_euler_solver.curvature.OPERATORS` (``'hessian'``, ``'gn'``,
+            ``'residual'``).
         tol: relative residual tolerance (default from the parameters' dtype, see
-            :func:`~exponential_euler_solver.eigen.default_tol`).
+            :func:`~exponential_euler_solver.linalg.default_tol`).
         max_iters: LOBPCG iterations at most per point.
         seed: seed of the random search vectors.
 
@@ -173,8 +174,8 @@ def top_eigenvalues_along(trajectory_params: Union[Trajectory, Sequence[Tensor],
     Raises:
         ValueError: ``operator`` or ``which`` unknown, no parameter vectors, or ``k`` out of range.
     """
-    if operator not in _OPERATORS:
-        raise ValueError(f"operator must be one of {tuple(_OPERATORS)}; got {operator!r}")
+    if operator not in OPERATORS:
+        raise ValueError(f"operator must be one of {tuple(OPERATORS)}; got {operator!r}")
     if isinstance(trajectory_params, Trajectory):
         points = trajectory_params.params
     elif isinstance(trajectory_params, Tensor):
@@ -185,14 +186,14 @@ def top_eigenvalues_along(trajectory_params: Union[Trajectory, Sequence[Tensor],
     else:
         points = list(trajectory_params)
     if not points:
-        raise ValueError("trajectory_params holds no parameter vectors (record them with Trajectory(every_n=...) "
-                         "or at_times=...)")
+        raise ValueError("trajectory_params holds no parameter vectors (keep them with integrate(..., "
+                         "SaveAt(every_n=...)) or SaveAt(ts=...))")
     device = getattr(loss, "data_device", None)
     generator = torch.Generator().manual_seed(seed)
     rows, vectors, unconverged = [], None, []
     for i, theta in enumerate(points):
         theta = theta.detach() if device is None else theta.detach().to(device)
-        op = _OPERATORS[operator](loss, theta)
+        op = OPERATORS[operator](loss, theta)
         init = None if vectors is None else vectors.to(dtype=theta.dtype, device=theta.device)
         result = top_eigenpairs(op, k, which=which, init=init, tol=tol, max_iters=max_iters, generator=generator,
                                 block_size=k + _GUARD)
@@ -205,6 +206,46 @@ def top_eigenvalues_along(trajectory_params: Union[Trajectory, Sequence[Tensor],
                       f"points {unconverged[:10]}{' ...' if len(unconverged) > 10 else ''}", RuntimeWarning,
                       stacklevel=2)
     return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the seed library's eigenvector helpers
+def _seed_helper(operator_cls, loss, params: Tensor, n: int, max_iters: int, tol: Optional[float],
+                 init_eigvecs: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    result = top_eigenpairs(operator_cls(loss, params), n, which="LM", init=init_eigvecs, tol=tol,
+                            max_iters=max_iters)
+    return result.eigenvalues, result.eigenvectors
+
+
+def loss_hessian_eigenvector(loss, params: Tensor, n: int = 1, max_iters: int = 100, tol: Optional[float] = None,
+                             init_eigvecs: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The ``n`` eigenpairs of largest magnitude of the loss Hessian at ``params``.
+
+    Args:
+        loss: a :class:`~exponential_euler_solver.LossFunction`.
+        params: flat parameters.
+        n: number of eigenpairs.
+        max_iters: LOBPCG iterations at most.
+        tol: relative residual tolerance (default from the dtype, see
+            :func:`~exponential_euler_solver.linalg.default_tol`).
+        init_eigvecs: ``(P, j)`` starting vectors, e.g. a previous answer.
+
+    Returns:
+        ``(eigvals, eigvecs)``: ``(n,)`` float64 values ordered by decreasing magnitude, ``(P, n)`` vectors.
+    """
+    return _seed_helper(HessianOperator, loss, params, n, max_iters, tol, init_eigvecs)
+
+
+def g_eigenvector(loss, params: Tensor, n: int = 1, max_iters: int = 100, tol: Optional[float] = None,
+                  init_eigvecs: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """As :func:`loss_hessian_eigenvector`, for the Gauss-Newton matrix G."""
+    return _seed_helper(GaussNewtonOperator, loss, params, n, max_iters, tol, init_eigvecs)
+
+
+def h_eigenvector(loss, params: Tensor, n: int = 1, max_iters: int = 100, tol: Optional[float] = None,
+                  init_eigvecs: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """As :func:`loss_hessian_eigenvector`, for the residual H = Hessian - G."""
+    return _seed_helper(ResidualOperator, loss, params, n, max_iters, tol, init_eigvecs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,119 +1,100 @@
 """How faithfully a solver follows the gradient flow: crossing times and distances to a converged reference.
 
 The reference is :class:`~exponential_euler_solver.RungeKutta4Solver` with ``alpha`` halved until the flow time
-at which the loss crosses the target stops moving (relative change below ``reference_rtol``).
+at which the loss crosses the target stops moving (relative change below ``reference_rtol``). Every run goes
+through :func:`~exponential_euler_solver.integrate`; crossing times and deviations come from the
+:class:`~exponential_euler_solver.Trajectory` it returns.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import torch
 from torch import Tensor
 
+from .integrate import SaveAt, Stop, integrate
 from .solvers import RungeKutta4Solver
+from .trajectory import Trajectory
 
-__all__ = ["RunRecord", "FidelityReport", "crossing_time", "integrate", "reference_run", "fidelity"]
+__all__ = ["Reference", "FidelityReport", "run_with_times", "reference_run", "fidelity"]
+
+
+def run_with_times(solver, stop: Stop, times: Sequence[float] = (), *, max_steps: Optional[int] = None,
+                   progress=False) -> tuple[Trajectory, int]:
+    """:func:`~exponential_euler_solver.integrate` ``solver`` until ``stop`` keeping the parameters at ``times``;
+    when it stopped at its target with times still ahead, go on until the last of them has passed.
+
+    Returns:
+        ``(trajectory, n)``: the whole record and the number of its steps taken before ``stop`` held (the steps
+        after them were taken only to reach the times).
+    """
+    trajectory = integrate(solver, stop, SaveAt(ts=times), progress=progress)
+    n = len(trajectory)
+    if trajectory.pending_times and trajectory.stop_reason == "target":
+        reason = trajectory.stop_reason
+        limit = None if max_steps is None else solver.n_steps + max_steps
+        integrate(solver, Stop(time=max(trajectory.pending_times), steps=limit, errors="record"),
+                  trajectory=trajectory)
+        trajectory.stop_reason = reason
+    return trajectory, n
 
 
 @dataclass
-class RunRecord:
-    """A run to a target loss.
+class Reference:
+    """A converged RK4 integration of the flow (:func:`reference_run`).
 
     Attributes:
-        crossing_time: flow time at which the loss first fell below the target, interpolated linearly in
-            log(loss) between the start and end of the step that crossed it (None if it never did).
-        steps, n_grad, n_hvp, n_rejected: the solver's counts at the end of the run.
-        losses: ``(t_start, t_end, loss_start, loss_end)`` per step.
-        params_at: parameters at the requested flow times (linear interpolation between the ends of the step
-            containing each time), in the order of ``times``; a time past the end of the run is omitted.
-        monotone: whether every step lowered the loss.
+        trajectory: the finest run, with the parameters at ``times``.
+        alpha: its RK4 ``alpha`` (step in units of ``1/|lambda_1|``).
+        times: the flow times of the parameter comparisons (fractions of the coarsest run's crossing time).
+        target: the loss whose crossing time converged.
+        steps: the finest run's steps until the target (further steps only reached the last time).
     """
 
-    crossing_time: Optional[float]
+    trajectory: Trajectory
+    alpha: float
+    times: list
+    target: float
     steps: int
-    n_grad: int
-    n_hvp: int
-    n_rejected: int
-    losses: list = field(default_factory=list)
-    params_at: list = field(default_factory=list)
-    monotone: bool = True
 
-
-def crossing_time(losses: Sequence[tuple], target: float) -> Optional[float]:
-    """First flow time at which the loss falls below ``target``, interpolating log(loss) linearly within the
-    step; ``losses`` holds ``(t_start, t_end, loss_start, loss_end)`` per step."""
-    for t0, t1, l0, l1 in losses:
-        if l0 <= target:
-            return t0
-        if l1 <= target:
-            if not (l0 > 0 and l1 > 0):
-                return t1
-            frac = (math.log(l0) - math.log(target)) / (math.log(l0) - math.log(l1))
-            return t0 + frac * (t1 - t0)
-    return None
-
-
-def integrate(solver, target: float, times: Sequence[float] = (), max_steps: int = 100_000,
-              t_max: Optional[float] = None) -> RunRecord:
-    """Step ``solver`` until the loss at the start of a step is at most ``target`` (the seed's loop) and, when
-    ``times`` are given, until the last of them has passed; record losses and parameters at ``times``."""
-    times = sorted(float(t) for t in times)
-    pending = list(times)
-    params_at = []
-    losses = []
-    monotone = True
-    steps = 0
-    while steps < max_steps:
-        before = solver.params.detach().clone() if pending else None
-        report = solver.step()
-        steps += 1
-        t0, t1 = report.t - report.dt, report.t
-        losses.append((t0, t1, report.loss, report.new_loss))
-        monotone &= report.new_loss < report.loss
-        while pending and pending[0] <= t1:
-            w = (pending.pop(0) - t0) / (t1 - t0) if t1 > t0 else 1.0
-            params_at.append(torch.lerp(before, solver.params.detach(), w))
-        done_loss = min(report.loss, report.new_loss) <= target
-        if done_loss and not pending:
-            break
-        if t_max is not None and t1 >= t_max:
-            break
-    return RunRecord(crossing_time=crossing_time(losses, target), steps=solver.n_steps, n_grad=solver.n_grad,
-                     n_hvp=solver.n_hvp, n_rejected=solver.n_rejected, losses=losses, params_at=params_at,
-                     monotone=monotone)
+    @property
+    def crossing_time(self) -> float:
+        return self.trajectory.crossing_time(self.target)
 
 
 def reference_run(loss, params0: Tensor, target: float, max_step_size: float, *, alpha: float = 1.0,
                   reference_rtol: float = 1e-3, max_halvings: int = 5, time_fractions=(0.25, 0.5, 1.0),
-                  progress: Optional[Callable[[str], None]] = None) -> tuple[RunRecord, float, list]:
-    """Integrate the flow with RK4, halving ``alpha`` until the crossing time changes by less than
-    ``reference_rtol`` relative. Parameters are recorded at ``time_fractions`` of the first run's crossing time.
+                  progress: Optional[Callable[[str], None]] = None) -> Reference:
+    """Integrate the flow with RK4 from ``params0`` (not modified), halving ``alpha`` until the crossing time
+    changes by less than ``reference_rtol`` relative. Parameters are kept at ``time_fractions`` of the first run's
+    crossing time.
 
     Returns:
-        ``(record, alpha, times)``: the finest run, its alpha, and the flow times its ``params_at`` refer to.
+        A :class:`Reference`.
 
     Raises:
-        RuntimeError: the crossing time did not settle within ``max_halvings`` halvings.
+        RuntimeError: the target was never reached, or the crossing time did not settle within ``max_halvings``
+            halvings.
     """
-    first = integrate(RungeKutta4Solver(params0.clone(), loss, max_step_size, alpha=alpha), target)
-    if first.crossing_time is None:
+    first = integrate(RungeKutta4Solver(params0.clone(), loss, max_step_size, alpha=alpha), Stop(loss=target))
+    previous = first.crossing_time(target)
+    if previous is None:
         raise RuntimeError("the reference never reached the target loss")
-    times = [f * first.crossing_time for f in time_fractions]
-    previous = first.crossing_time
+    times = [f * previous for f in time_fractions]
     for _ in range(max_halvings):
         alpha /= 2
-        record = integrate(RungeKutta4Solver(params0.clone(), loss, max_step_size, alpha=alpha), target, times)
-        if record.crossing_time is None:
+        solver = RungeKutta4Solver(params0.clone(), loss, max_step_size, alpha=alpha)
+        trajectory, steps = run_with_times(solver, Stop(loss=target), times)
+        crossing = trajectory.crossing_time(target)
+        if crossing is None:
             raise RuntimeError(f"the RK4 reference with alpha={alpha:g} never reached the target loss")
-        change = abs(record.crossing_time - previous) / record.crossing_time
+        change = abs(crossing - previous) / crossing
         if progress is not None:
-            progress(f"RK4 alpha={alpha:g}: crossing {record.crossing_time:.6g} (change {change:.2e})")
+            progress(f"RK4 alpha={alpha:g}: crossing {crossing:.6g} (change {change:.2e})")
         if change < reference_rtol:
-            return record, alpha, times
-        previous = record.crossing_time
+            return Reference(trajectory=trajectory, alpha=alpha, times=times, target=target, steps=steps)
+        previous = crossing
     raise RuntimeError(f"the RK4 reference did not converge to {reference_rtol} in {max_halvings} halvings "
                        f"(last crossing times {previous:.6g})")
 
@@ -125,9 +106,10 @@ class FidelityReport:
     Attributes:
         crossing_time, reference_crossing_time: flow times at which the loss crossed the target.
         relative_error: ``(crossing_time - reference_crossing_time) / reference_crossing_time``.
-        times: flow times of the parameter comparisons.
+        times: flow times of the parameter comparisons the run reached.
         deviations: ``||theta(t) - theta_ref(t)|| / ||theta_ref(t) - theta_0||`` at ``times``.
-        run: the solver's :class:`RunRecord`.
+        trajectory: the solver's run (with the steps taken after the target to reach the last time).
+        steps: the run's steps until the target.
         reference_alpha: the RK4 alpha of the reference.
     """
 
@@ -136,12 +118,14 @@ class FidelityReport:
     relative_error: Optional[float]
     times: list
     deviations: list
-    run: RunRecord
+    trajectory: Trajectory
+    steps: int
     reference_alpha: float
 
 
 def fidelity(loss, params0: Tensor, make_solver: Callable[[Tensor], object], target: float = 0.01, *,
-             reference: Optional[tuple] = None, max_step_size: float = 0.01, **reference_kwargs) -> FidelityReport:
+             reference: Optional[Reference] = None, max_step_size: float = 0.01,
+             **reference_kwargs) -> FidelityReport:
     """Run ``make_solver(params0.clone())`` to ``target`` and compare it with a converged RK4 reference.
 
     Args:
@@ -158,15 +142,9 @@ def fidelity(loss, params0: Tensor, make_solver: Callable[[Tensor], object], tar
     """
     if reference is None:
         reference = reference_run(loss, params0, target, max_step_size, **reference_kwargs)
-    ref, alpha, times = reference
-    run = integrate(make_solver(params0.clone()), target, times)
-    deviations = []
-    for p, p_ref in zip(run.params_at, ref.params_at):
-        scale = torch.linalg.vector_norm((p_ref - params0).double())
-        deviations.append(float(torch.linalg.vector_norm((p - p_ref).double()) / scale))
-    err = None
-    if run.crossing_time is not None:
-        err = (run.crossing_time - ref.crossing_time) / ref.crossing_time
-    return FidelityReport(crossing_time=run.crossing_time, reference_crossing_time=ref.crossing_time,
-                          relative_error=err, times=list(times[:len(deviations)]), deviations=deviations, run=run,
-                          reference_alpha=alpha)
+    trajectory, steps = run_with_times(make_solver(params0.clone()), Stop(loss=target), reference.times)
+    times, deviations = trajectory.deviations(reference.trajectory, params0)
+    crossing, ref = trajectory.crossing_time(target), reference.crossing_time
+    err = None if crossing is None else (crossing - ref) / ref
+    return FidelityReport(crossing_time=crossing, reference_crossing_time=ref, relative_error=err, times=times,
+                          deviations=deviations, trajectory=trajectory, steps=steps, reference_alpha=reference.alpha)

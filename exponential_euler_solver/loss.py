@@ -1,17 +1,21 @@
 """The training loss as a function of one flat parameter vector.
 
-:class:`LossFunction` knows the dataset, the criterion and the network; everything above it in the library
-sees only flat parameter vectors, values, gradients and Hessian-vector products.
+:class:`LossFunction` knows the dataset, the criterion and the network. It owns the parameter layout, the data
+loop (:meth:`LossFunction.batches`), the loss and its gradient. Curvature products are built on its data loop by
+the operators of :mod:`exponential_euler_solver.curvature`; everything above sees only flat parameter vectors.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
+from torch.func import functional_call, grad_and_value
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .distributed import data_parallel_for
@@ -21,10 +25,25 @@ __all__ = ["LossFunction"]
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _default_hvp_chunk(device: torch.device) -> int:
-    # Measured on a 2-core CPU (shared/MEASURED.md): a vmapped block of 10 HVPs costs twice a Python loop of
-    # single HVPs, and 2 columns are neutral; on a GPU vmapping the whole block amortises kernel launches.
-    return 1 if device.type == "cpu" else 64
+def _batch_statistics_template(net: torch.nn.Module) -> tuple[torch.nn.Module, set[str]]:
+    """A private copy of ``net`` whose normalisation layers in training mode use the batch's statistics without
+    keeping running ones, and the names of the running-statistics buffers it no longer has.
+
+    In training mode a ``BatchNorm`` layer normalises with the batch's statistics and *updates* its running
+    statistics in place; under :mod:`torch.func` that in-place update of a captured tensor is an error, and on the
+    user's own module it would change their network. The copy computes the same outputs with nothing to update.
+    """
+    template = copy.deepcopy(net)
+    dropped: set[str] = set()
+    for name, module in template.named_modules():
+        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
+            prefix = f"{name}." if name else ""
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(module, buffer, None) is not None:
+                    dropped.add(prefix + buffer)
+                setattr(module, buffer, None)
+            module.track_running_stats = False
+    return template, dropped
 
 
 class LossFunction:
@@ -39,11 +58,16 @@ class LossFunction:
     criterion's ``reduction`` attribute is ``'sum'``; an output with one entry per example (``reduction='none'``)
     is summed. The result is always the mean over all examples.
 
+    Normalisation layers (``BatchNorm``) in training mode normalise each batch with its own statistics, as
+    training does, and their running statistics are neither used nor updated (a private copy of the network's
+    structure is evaluated); in eval mode they use the running statistics, read-only. ``Dropout`` in training
+    mode is refused: it would make the loss random.
+
     Data-parallel (``distributed``, by default whenever a :mod:`torch.distributed` default process group is
     initialised): each rank evaluates only its contiguous shard of the examples (``data_parallel.shard``; uneven
     or empty shards are fine), divides by the global number of examples, and the loss, gradient and block
-    products are summed over the ranks by one all-reduce each, so every rank gets the same global values. Every
-    rank must call the same methods in the same order with the same parameters.
+    products are summed over the ranks by one all-reduce each (:meth:`reduce`), so every rank gets the same
+    global values. Every rank must call the same methods in the same order with the same parameters.
 
     Args:
         dataset: a map-style dataset of tuples ``(*inputs, labels)``. A :class:`~torch.utils.data.TensorDataset`
@@ -51,9 +75,11 @@ class LossFunction:
         criterion: callable ``criterion(outputs, labels)``, e.g. :class:`torch.nn.CrossEntropyLoss`.
         net: the network; ``net(*inputs)`` gives the outputs. Its parameters define the layout of the flat vector
             (``net.named_parameters()`` order); its buffers are used read-only.
-        hvp_chunk_size: number of Hessian-vector products vmapped together inside a batch (forward-over-reverse);
-            1 loops over the columns instead, differentiating one gradient graph per batch again for each column
-            (reverse-over-reverse). Default: 1 on CPU (measured faster there), 64 on other devices.
+        hvp_chunk_size: the default chunk of a block curvature product (see
+            :class:`~exponential_euler_solver.curvature.HessianOperator`): 1 loops over the columns,
+            differentiating one gradient graph per batch again for each (reverse-over-reverse); larger values vmap
+            that many columns together (forward-over-reverse). Default: 1 on CPU (measured faster there), 64 on
+            other devices.
         distributed: None (default): data-parallel exactly when a default process group is initialised; True:
             require one; False: evaluate the whole dataset in this process whatever the group.
         **dataloader_kwargs: passed to :class:`~torch.utils.data.DataLoader` for datasets that are not
@@ -62,13 +88,9 @@ class LossFunction:
 
     Raises:
         ValueError: the dataset is empty, ``batch_size`` is not a positive int, ``shuffle=True`` is given, the
-            criterion's output has neither one entry nor one entry per example, or ``distributed=True`` without
-            an initialised process group.
+            criterion's output has neither one entry nor one entry per example, the network has ``Dropout`` in
+            training mode, or ``distributed=True`` without an initialised process group.
         TypeError: ``net`` is not a :class:`torch.nn.Module` or ``criterion`` is not callable.
-
-    Memory: a block product of ``m`` vectors holds the ``(P, m)`` result plus the graph of one batch's gradient
-    (``hvp_chunk_size`` 1) or, per chunk of ``hvp_chunk_size`` columns, the activations of one batch for
-    forward-over-reverse differentiation; it does not grow with the number of examples.
     """
 
     def __init__(self, dataset: Dataset, criterion: Callable, net: torch.nn.Module, *,
@@ -91,27 +113,36 @@ class LossFunction:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         if dataloader_kwargs.get("shuffle"):
             raise ValueError("shuffle must be False: the loss is a fixed function of the parameters; got True")
-        if hvp_chunk_size is not None and (not isinstance(hvp_chunk_size, int) or hvp_chunk_size < 1):
+        if hvp_chunk_size is not None and (isinstance(hvp_chunk_size, bool) or not isinstance(hvp_chunk_size, int)
+                                           or hvp_chunk_size < 1):
             raise ValueError(f"hvp_chunk_size must be a positive int or None; got {hvp_chunk_size!r}")
         reduction = getattr(criterion, "reduction", "mean")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"criterion.reduction must be one of {_REDUCTIONS}; got {reduction!r}")
+        dropout = [name for name, m in net.named_modules() if isinstance(m, _DropoutNd) and m.training and m.p > 0]
+        if dropout:
+            raise ValueError(f"net has Dropout in training mode ({', '.join(dropout[:3])}): the loss would be random "
+                             "and the flow undefined; call net.eval() (or use p=0) before building the LossFunction")
 
         self.dataset = dataset
         self.criterion = criterion
         self.net = net
         self.n_examples = n
         self.batch_size = min(batch_size, n)
+        self.hvp_chunk_size = hvp_chunk_size
         self._reduction = reduction
         self._dataloader_kwargs = dataloader_kwargs
-        self._hvp_chunk_size = hvp_chunk_size
-        self._names = [name for name, _ in net.named_parameters()]
-        self._shapes = [p.shape for _, p in net.named_parameters()]
-        self._numels = [p.numel() for _, p in net.named_parameters()]
+        named = list(net.named_parameters())
+        self._names = [name for name, _ in named]
+        self._shapes = [p.shape for _, p in named]
+        self._numels = [p.numel() for _, p in named]
         self.n_params = sum(self._numels)
         if self.n_params == 0:
             raise ValueError("net must have at least one parameter; got a network with none")
-        self._buffers = dict(net.named_buffers())
+        self._module, dropped = net, set()
+        if any(isinstance(m, _BatchNorm) and m.training and m.track_running_stats for m in net.modules()):
+            self._module, dropped = _batch_statistics_template(net)
+        self._buffers = {name: b for name, b in net.named_buffers() if name not in dropped}
         self._buffer_cache: dict = {}
         self._tensors: Optional[tuple[Tensor, ...]] = (
             tuple(dataset.tensors) if isinstance(dataset, TensorDataset) else None)
@@ -143,10 +174,6 @@ class LossFunction:
             out[name] = params[offset:offset + numel].view(shape)
             offset += numel
         return out
-
-    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        """Concatenate tensors in the network's parameter order into one flat vector."""
-        return torch.cat([t.reshape(-1) for t in tensors])
 
     def check_params(self, params: Tensor, name: str = "params") -> None:
         """Raise a clear error unless ``params`` is a 1-D floating tensor of the network's size on the data's
@@ -216,10 +243,10 @@ class LossFunction:
         return torch.cat([p.detach().reshape(-1) for p in self.net.parameters()]).to(device=device, dtype=dtype)
 
     # ----------------------------------------------------------------------------------------------------------
-    # batches
+    # the data loop (used by the curvature operators too)
     def batches(self, device=None) -> Iterator[tuple[Tensor, ...]]:
         """Iterate over the dataset (this rank's shard when data-parallel) in fixed batches of ``batch_size``
-        examples, as tuples of tensors."""
+        examples, as tuples of tensors ``(*inputs, labels)``."""
         shard = range(self.n_examples) if self.data_parallel is None else self.data_parallel.shard
         if self._tensors is not None:
             for start in range(shard.start, shard.stop, self.batch_size):
@@ -233,6 +260,35 @@ class LossFunction:
                                  f"{type(batch).__name__}")
             yield tuple(b.to(device, non_blocking=True) if device is not None else b for b in batch)
 
+    def outputs(self, params: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+        """The network's outputs on ``inputs`` with the flat parameters ``params`` (the user's network is not
+        run in place)."""
+        state = {**self._buffers_for(params), **self.unflatten(params)}
+        return functional_call(self._module, state, tuple(inputs))
+
+    def output_loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """A batch's contribution to the mean loss as a function of the network's outputs: the sum over the
+        batch of the per-example loss, over the global number of examples."""
+        value = self.criterion(outputs, labels)
+        n = labels.shape[0]
+        if value.ndim == 0:
+            total = value if self._reduction == "sum" else value * n
+        elif value.shape[0] != n:
+            raise ValueError(f"criterion must return a scalar or one loss per example (shape ({n},)); got "
+                             f"shape {tuple(value.shape)} for a batch of {n}")
+        else:
+            total = value.sum()
+        return total / self.n_examples
+
+    def batch_loss(self, params: Tensor, batch: Sequence[Tensor]) -> Tensor:
+        """A batch's contribution to the mean loss at ``params`` (differentiable in ``params``)."""
+        *inputs, labels = batch
+        return self.output_loss(self.outputs(params, inputs), labels)
+
+    def reduce(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The sums over the ranks (one all-reduce) when data-parallel, else the tensors themselves."""
+        return tensors if self.data_parallel is None else self.data_parallel.all_reduce_sum(*tensors)
+
     def _buffers_for(self, like: Tensor) -> dict[str, Tensor]:
         key = (like.device, like.dtype)
         if key not in self._buffer_cache:
@@ -241,32 +297,13 @@ class LossFunction:
                 .clone() for name, b in self._buffers.items()}
         return self._buffer_cache[key]
 
-    def _outputs(self, params: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-        state = {**self._buffers_for(params), **self.unflatten(params)}
-        return functional_call(self.net, state, tuple(inputs))
-
-    def _batch_total(self, outputs: Tensor, labels: Tensor) -> Tensor:
-        """Sum over the batch of the per-example loss, whatever the criterion's reduction."""
-        value = self.criterion(outputs, labels)
-        n = labels.shape[0]
-        if value.ndim == 0:
-            return value if self._reduction == "sum" else value * n
-        if value.shape[0] != n:
-            raise ValueError(f"criterion must return a scalar or one loss per example (shape ({n},)); got "
-                             f"shape {tuple(value.shape)} for a batch of {n}")
-        return value.sum()
-
     def _check_criterion(self) -> None:
-        batch = next(iter(self._small_batch()))
-        *inputs, labels = batch
-        # Through functional_call like every evaluation, so the user's network (its buffers, e.g. BatchNorm
-        # running statistics in training mode) is never run in place.
+        *inputs, labels = next(self._small_batch())
+        # Through functional_call like every evaluation, so the user's network is never run in place.
         like = next((x for x in inputs if x.is_floating_point()), None)
-        params = self.parameters_of_net(dtype=None if like is None else like.dtype,
-                                        device=inputs[0].device)
+        params = self.parameters_of_net(dtype=None if like is None else like.dtype, device=inputs[0].device)
         with torch.no_grad():
-            out = self._outputs(params, inputs)
-            value = self.criterion(out, labels)
+            value = self.criterion(self.outputs(params, inputs), labels)
         if not isinstance(value, Tensor):
             raise ValueError(f"criterion must return a tensor; got {type(value).__name__}")
         if value.ndim != 0 and (value.ndim != 1 or value.shape[0] != labels.shape[0]):
@@ -281,26 +318,18 @@ class LossFunction:
                                 **self._dataloader_kwargs)
             yield tuple(next(iter(loader)))
 
-    def _reduce(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        """The sums over the ranks (one all-reduce) when data-parallel, else the tensors themselves."""
-        return tensors if self.data_parallel is None else self.data_parallel.all_reduce_sum(*tensors)
-
-    def _batch_loss(self, params: Tensor, batch: Sequence[Tensor]) -> Tensor:
-        *inputs, labels = batch
-        return self._batch_total(self._outputs(params, inputs), labels) / self.n_examples
-
     # ----------------------------------------------------------------------------------------------------------
-    # value, gradient, curvature
+    # value and gradient
     def forward(self, params: Tensor) -> Tensor:
         """The mean loss at ``params`` (a 0-dim tensor, no graph)."""
         total = None
         with torch.no_grad():
             for batch in self.batches(params.device):
-                value = self._batch_loss(params, batch)
+                value = self.batch_loss(params, batch)
                 total = value if total is None else total + value
         if total is None:  # an empty shard
             total = params.new_zeros(())
-        return self._reduce(total)[0]
+        return self.reduce(total)[0]
 
     __call__ = forward
 
@@ -311,93 +340,11 @@ class LossFunction:
             ``(loss, grad)``: a 0-dim tensor and a tensor shaped like ``params`` (no graph attached).
         """
         loss, g = None, None
-        f = grad_and_value(self._batch_loss)
+        f = grad_and_value(self.batch_loss)
         for batch in self.batches(params.device):
             gb, lb = f(params.detach(), batch)
             loss = lb if loss is None else loss + lb
             g = gb if g is None else g + gb
         if loss is None:  # an empty shard
             loss, g = params.new_zeros(()), torch.zeros_like(params)
-        return self._reduce(loss.detach(), g.detach())
-
-    def hvp(self, params: Tensor, vectors: Tensor) -> Tensor:
-        """Hessian of the mean loss at ``params`` times ``vectors``, in one pass over the data.
-
-        With ``hvp_chunk_size`` 1, reverse-over-reverse: per batch one gradient with its graph, differentiated
-        again once per column (measured on this project's CPU, 2.6M-parameter MLP: 158 ms per column in a block
-        of 16 against 242 ms forward-over-reverse). Otherwise forward-over-reverse (:func:`torch.func.jvp` of
-        :func:`torch.func.grad`), the columns vmapped in chunks of ``hvp_chunk_size``.
-
-        Args:
-            params: flat parameters ``(P,)``.
-            vectors: ``(P,)`` or a block ``(P, m)``.
-
-        Returns:
-            A tensor shaped like ``vectors``.
-        """
-        return self._block_product(params, vectors, self._batch_hvp, self._batch_hvp_loop)
-
-    def gnvp(self, params: Tensor, vectors: Tensor) -> Tensor:
-        """Gauss-Newton matrix ``G = (1/N) sum_n J_n^T H_n J_n`` at ``params`` times ``vectors``.
-
-        ``J_n`` is the Jacobian of the network's outputs for example ``n`` with respect to the parameters and
-        ``H_n`` the Hessian of the per-example loss with respect to those outputs. Shapes as in :meth:`hvp`.
-        """
-        return self._block_product(params, vectors, self._batch_gnvp)
-
-    def _block_product(self, params: Tensor, vectors: Tensor, batch_fn, batch_loop=None) -> Tensor:
-        if vectors.ndim not in (1, 2) or vectors.shape[0] != self.n_params:
-            raise ValueError(f"vectors must have shape ({self.n_params},) or ({self.n_params}, m); "
-                             f"got {tuple(vectors.shape)}")
-        single = vectors.ndim == 1
-        block = vectors.unsqueeze(1) if single else vectors
-        block = block.to(dtype=params.dtype)
-        params = params.detach()
-        chunk = self._hvp_chunk_size or _default_hvp_chunk(params.device)
-        out = torch.zeros_like(block)
-        for batch in self.batches(params.device):
-            if chunk == 1 and batch_loop is not None:
-                batch_loop(params, batch, block, out)
-                continue
-            for start in range(0, block.shape[1], chunk):
-                cols = block[:, start:start + chunk]
-                if cols.shape[1] == 1:
-                    out[:, start] += batch_fn(params, batch, cols[:, 0])
-                else:
-                    out[:, start:start + chunk] += vmap(lambda v: batch_fn(params, batch, v),
-                                                        in_dims=1, out_dims=1)(cols)
-        out = self._reduce(out)[0]
-        return out[:, 0] if single else out
-
-    def _batch_hvp(self, params: Tensor, batch, v: Tensor) -> Tensor:
-        hv = jvp(grad(lambda p: self._batch_loss(p, batch)), (params,), (v,))[1]
-        # Where the gradient does not depend on the parameters (zero curvature) jvp returns a tangent that does
-        # not depend on v either, which vmap cannot batch; adding 0 * v makes it depend on v.
-        return hv + 0 * v
-
-    def _batch_hvp_loop(self, params: Tensor, batch, block: Tensor, out: Tensor) -> None:
-        """``out += H_batch @ block``, column by column, reusing one graph of the batch's gradient."""
-        with torch.enable_grad():
-            p = params.detach().requires_grad_(True)
-            g = torch.autograd.grad(self._batch_loss(p, batch), p, create_graph=True)[0]
-            if not g.requires_grad:  # the loss is linear in the parameters
-                return
-            m = block.shape[1]
-            for i in range(m):
-                hv = torch.autograd.grad(g, p, block[:, i], retain_graph=i < m - 1, allow_unused=True)[0]
-                if hv is not None:
-                    out[:, i] += hv
-
-    def _batch_gnvp(self, params: Tensor, batch, v: Tensor) -> Tensor:
-        *inputs, labels = batch
-        outputs, vjp_fn, jv = _linearize_outputs(lambda p: self._outputs(p, inputs), params, v)
-        total = lambda o: self._batch_total(o, labels) / self.n_examples
-        h_jv = jvp(grad(total), (outputs.detach(),), (jv,))[1]
-        return vjp_fn(h_jv)[0]
-
-
-def _linearize_outputs(f, params: Tensor, v: Tensor):
-    """Outputs of ``f`` at ``params``, its VJP function and the JVP ``J v``."""
-    outputs, vjp_fn = vjp(f, params)
-    jv = jvp(f, (params,), (v,))[1]
-    return outputs, vjp_fn, jv
+        return self.reduce(loss.detach(), g.detach())

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import jacrev
 
 import exponential_euler_solver as euler
+
 from conftest import unflatten_reference
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,8 +93,8 @@ def test_top_eigenvalues_along_match_dense_references(tiny_problem, points, oper
 def test_top_eigenvalues_along_a_trajectory(tiny_problem, close):
     loss = euler.LossFunction(tiny_problem.dataset, nn.CrossEntropyLoss(), tiny_problem.net)
     solver = euler.GradientDescent(tiny_problem.theta.clone(), loss, 0.1)
-    traj = euler.Trajectory(every_n=2)
-    list(traj.run(solver, max_steps=2))
+    traj = euler.integrate(solver, euler.Stop(steps=2), euler.SaveAt(every_n=2))
+    assert len(traj.params) == 2
     values = euler.top_eigenvalues_along(traj, loss, 1, which="LA", operator="gn", tol=1e-9)
     ref = torch.stack([torch.linalg.eigvalsh(tiny_problem.gauss_newton(p))[-1:] for p in traj.params])
     close(values, ref, 1e-7, "largest G eigenvalue along the trajectory")
@@ -108,8 +109,7 @@ def test_top_eigenvalues_along_a_trajectory(tiny_problem, close):
 def recorded(tiny_problem):
     loss = euler.LossFunction(tiny_problem.dataset, nn.CrossEntropyLoss(), tiny_problem.net)
     solver = euler.ExponentialEulerSolver(tiny_problem.theta.clone(), loss, 2.0, 2)
-    traj = euler.Trajectory(every_n=4)
-    list(traj.run(solver, max_steps=12))
+    traj = euler.integrate(solver, euler.Stop(steps=12), euler.SaveAt(every_n=4))
     return loss, traj
 
 
@@ -131,8 +131,7 @@ def test_plots_write_png_files(recorded, tmp_path):
 def test_plot_eigenvalues_needs_eigenvalues(tiny_problem, tmp_path):
     loss = euler.LossFunction(tiny_problem.dataset, nn.CrossEntropyLoss(), tiny_problem.net)
     solver = euler.GradientDescent(tiny_problem.theta.clone(), loss, 0.1)
-    traj = euler.Trajectory()
-    list(traj.run(solver, max_steps=2))
+    traj = euler.integrate(solver, euler.Stop(steps=2))
     with pytest.raises(ValueError, match="top_eigenvalues_along"):
         euler.plot_eigenvalues(traj, tmp_path / "e.png")
     with pytest.raises(ValueError, match="at least one step"):

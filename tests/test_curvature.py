@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from exponential_euler_solver import (DenseOperator, GaussNewtonOperator, HessianOperator, LossFunction,
-                                      ResidualOperator)
+import exponential_euler_solver as euler
+from exponential_euler_solver import DenseOperator, GaussNewtonOperator, HessianOperator, LossFunction, ResidualOperator
 
 from conftest import N_CLASSES, tiny_data
 
@@ -126,3 +126,66 @@ def test_operator_rejects_params_of_the_wrong_dtype(tiny_loss, tiny_problem_shar
     for cls in OPERATORS.values():
         with pytest.raises(ValueError, match="params"):
             cls(tiny_loss, tiny_problem_shared.theta.float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the registry: names -> operator classes, as the solvers' curvature= option and the analysis read it
+REGISTRY_REFERENCES = {"hessian": "H", "gn": "G", "residual": "H - G"}
+
+
+def test_registry_names_map_to_the_operator_classes():
+    from exponential_euler_solver.curvature import operator_class
+
+    assert set(euler.OPERATORS) == {"hessian", "gn", "residual"}, sorted(euler.OPERATORS)
+    assert euler.OPERATORS["hessian"] is HessianOperator
+    assert euler.OPERATORS["gn"] is GaussNewtonOperator
+    assert euler.OPERATORS["residual"] is ResidualOperator
+    for name, cls in euler.OPERATORS.items():
+        assert operator_class(name) is cls
+    custom = lambda loss, params: DenseOperator(torch.eye(loss.n_params, dtype=params.dtype))  # noqa: E731
+    assert operator_class(custom) is custom
+    for bad in ("fisher", "Hessian", 3):
+        with pytest.raises(ValueError, match="curvature must be one of"):
+            operator_class(bad)
+
+
+@pytest.mark.parametrize("name", ["hessian", "gn", "residual"])
+def test_registry_products_match_dense_references(name, tiny_loss, tiny_problem_shared, dense_hessian,
+                                                  dense_gauss_newton, close):
+    expected = {"hessian": dense_hessian, "gn": dense_gauss_newton, "residual": dense_hessian - dense_gauss_newton}
+    op = euler.OPERATORS[name](tiny_loss, tiny_problem_shared.theta)
+    gen = torch.Generator().manual_seed(42)
+    V = torch.randn(tiny_problem_shared.n_params, 4, generator=gen, dtype=F64)
+    close(op @ V, expected[name] @ V, 1e-8, f"OPERATORS[{name!r}] ({REGISTRY_REFERENCES[name]}) @ V")
+    close(op @ V[:, 2], expected[name] @ V[:, 2], 1e-8, f"OPERATORS[{name!r}] @ v")
+
+
+@pytest.mark.parametrize("which", ["adaptive", "exponential-euler"])
+def test_solver_with_gn_curvature_tracks_the_top_eigenvalues_of_g(which, tiny_problem, close):
+    # rtol=None refreshes the eigenpairs at every step: each step's values must be those of the dense G at the
+    # step's starting point (G is positive semi-definite, so largest magnitude = largest).
+    loss = LossFunction(tiny_problem.dataset, nn.CrossEntropyLoss(), tiny_problem.net, hvp_chunk_size=64)
+    params = tiny_problem.theta.clone()
+    if which == "adaptive":
+        solver = euler.AdaptiveGradientDescent(params, loss, 10.0, rtol=None, curvature="gn", eig_tol=1e-10,
+                                               eig_max_iters=300)
+    else:
+        solver = euler.ExponentialEulerSolver(params, loss, 10.0, 2, rtol=None, curvature="gn", eig_tol=1e-10,
+                                              eig_max_iters=300)
+    for step in range(3):
+        start = params.clone()
+        G = tiny_problem.gauss_newton(start)
+        ref = torch.linalg.eigvalsh(G).flip(0)
+        lam_h = float(torch.linalg.eigvalsh(tiny_problem.hessian(start)).abs().max())
+        # The test tells G from the Hessian: their top eigenvalues differ.
+        assert abs(lam_h - float(ref[0])) > 1e-3 * float(ref[0]), (lam_h, float(ref[0]))
+        report = solver.step()
+        if which == "adaptive":
+            got = torch.tensor([report.sharpness], dtype=F64)
+            k = 1
+        else:
+            got = report.eigvals
+            k = 3
+        close(got, ref[:k], 1e-8, f"{which} step {step}: tracked eigenvalues vs eigh of the dense G")
+        # The step size follows from G's spectrum: dt = min(max step, 1 / |lambda_{k}|) of G.
+        assert report.dt == pytest.approx(min(10.0, 1 / float(ref[k - 1])), rel=1e-8), (report.dt, ref[:k])

@@ -5,7 +5,8 @@ temporary folder, loopback only); they run every scenario and save what they saw
 with the same computations done here, in the parent, without a process group.
 
 The ranks' trajectories are checkpointed halfway (``save_checkpoint``, then a ``Checkpointer`` saving at every
-step); the parent resumes the halfway checkpoint in one process and finishes the run.
+step, passed to ``integrate`` through ``SaveAt``); the parent resumes the halfway checkpoint in one process and
+finishes the run.
 """
 
 from __future__ import annotations
@@ -21,10 +22,23 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from exponential_euler_solver import (AdaptiveGradientDescent, Checkpointer, ExponentialEulerSolver, LossFunction,
-                                      RankDivergenceError, Trajectory, load_checkpoint, resume, save_checkpoint)
-from exponential_euler_solver.distributed import (is_main_process, main_process_decides, parameter_checksum,
-                                                  shard_range)
+from exponential_euler_solver import (
+    AdaptiveGradientDescent,
+    Checkpointer,
+    ExponentialEulerSolver,
+    GaussNewtonOperator,
+    HessianOperator,
+    LossFunction,
+    RankDivergenceError,
+    SaveAt,
+    Stop,
+    Trajectory,
+    integrate,
+    load_checkpoint,
+    resume,
+    save_checkpoint,
+)
+from exponential_euler_solver.distributed import is_main_process, main_process_decides, parameter_checksum, shard_range
 
 from conftest import assert_close_normwise
 
@@ -55,10 +69,10 @@ def _make_solver(name: str, params, loss, **kwargs):
 
 
 def _run_trajectory(name: str, init_seed: int, folder: str | None = None, **solver_kwargs) -> dict:
-    """N_STEPS steps from the seeded problem. With ``folder`` (the ranks): recorded by a Trajectory keeping the
-    parameters at every step, ``save_checkpoint(folder/resume.pt)`` after N_CHECKPOINT steps, and the rest run
-    with a Checkpointer saving to folder/every.pt at every step. Without (the parent's uninterrupted reference):
-    plain ``solver.step()`` calls."""
+    """N_STEPS steps from the seeded problem. With ``folder`` (the ranks): ``integrate`` keeping the parameters at
+    every step, ``save_checkpoint(folder/resume.pt)`` after N_CHECKPOINT steps, and the rest integrated with a
+    Checkpointer saving to folder/every.pt at every step (and at the end). Without (the parent's uninterrupted
+    reference): plain ``solver.step()`` calls."""
     loss = _trajectory_loss()
     torch.manual_seed(init_seed)  # differs across ranks: initialize_parameters must broadcast rank 0's
     params = loss.initialize_parameters()
@@ -74,16 +88,13 @@ def _run_trajectory(name: str, init_seed: int, folder: str | None = None, **solv
                    for key in ("loss", "new_loss", "dt")}
     else:
         os.makedirs(folder, exist_ok=True)
-        trajectory = Trajectory(every_n=1)
-        for _ in trajectory.run(solver, max_steps=N_CHECKPOINT):
-            pass
+        trajectory = integrate(solver, Stop(steps=N_CHECKPOINT), SaveAt(every_n=1))
         path = os.path.join(folder, "resume.pt")
         save_checkpoint(path, solver, trajectory)
         # save_checkpoint returns after its barrier: rank 0's file is complete, and every rank can read it.
         out["read_back"] = torch.equal(load_checkpoint(path)["solver"]["params"], params)
         checkpointer = Checkpointer(os.path.join(folder, "every.pt"), every_seconds=0)
-        for _ in trajectory.run(solver, max_steps=N_STEPS, checkpointer=checkpointer):
-            pass
+        integrate(solver, Stop(steps=N_STEPS), SaveAt(checkpoint=checkpointer), trajectory=trajectory)
         out["n_saves"] = checkpointer.n_saves
         kept = trajectory.params
         columns = {"loss": trajectory.loss, "new_loss": trajectory.new_loss, "dt": trajectory.dt}
@@ -123,8 +134,8 @@ def _quantities(loss: LossFunction) -> dict:
     theta = torch.randn(loss.n_params, generator=gen, dtype=torch.float64)
     V = torch.randn(loss.n_params, 3, generator=gen, dtype=torch.float64)
     value, g = loss.gradient(theta)
-    return {"forward": loss.forward(theta), "loss": value, "grad": g, "hvp": loss.hvp(theta, V),
-            "hvp1": loss.hvp(theta, V[:, 0]), "gnvp": loss.gnvp(theta, V)}
+    return {"forward": loss.forward(theta), "loss": value, "grad": g, "hvp": HessianOperator(loss, theta) @ V,
+            "hvp1": HessianOperator(loss, theta) @ V[:, 0], "gnvp": GaussNewtonOperator(loss, theta) @ V}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +152,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
                                 for name in SOLVERS}}
 
         losses = _quantity_losses()
-        out["shards"] = {k: l.data_parallel.shard for k, l in losses.items()}
+        out["shards"] = {k: lf.data_parallel.shard for k, lf in losses.items()}
         out["quantities"] = {}
         out["counts"] = {}
         for key, loss in losses.items():
@@ -225,8 +236,9 @@ def test_checkpoint_written_under_two_ranks_resumes_in_one_process(ranks, single
         got = result["trajectories"][name]
         assert got["read_back"], f"{name} rank {rank}: the checkpoint read right after save_checkpoint " \
                                  "holds other parameters than this rank's"
-        # Checkpointer(every_seconds=0) under 2 ranks: both ranks took every save (and nothing hung).
-        assert got["n_saves"] == N_STEPS - N_CHECKPOINT, f"{name} rank {rank}: {got['n_saves']} saves"
+        # Checkpointer(every_seconds=0) under 2 ranks: both ranks took every save (and nothing hung): one per
+        # step, and the one integrate makes at the end (save_at_end).
+        assert got["n_saves"] == N_STEPS - N_CHECKPOINT + 1, f"{name} rank {rank}: {got['n_saves']} saves"
     two_ranks = ranks[0]["trajectories"][name]
     last = load_checkpoint(folder / "every.pt")
     assert last["solver"]["n_steps"] == N_STEPS and torch.equal(last["solver"]["params"], two_ranks["params"])
@@ -242,8 +254,8 @@ def test_checkpoint_written_under_two_ranks_resumes_in_one_process(ranks, single
     resume(folder / "resume.pt", solver, trajectory)
     assert (solver.n_steps, len(trajectory), trajectory.every_n) == (N_CHECKPOINT, N_CHECKPOINT, 1)
     assert torch.equal(params, two_ranks["kept"][N_CHECKPOINT])
-    for _ in trajectory.run(solver, max_steps=N_STEPS):
-        pass
+    integrate(solver, Stop(steps=N_STEPS), trajectory=trajectory)
+    assert trajectory.stop_reason == "max_steps"
     assert solver.n_steps == N_STEPS and loss.data_parallel is None
     resumed = {"loss": trajectory.loss, "new_loss": trajectory.new_loss, "dt": trajectory.dt}
     for key, values in resumed.items():  # the first steps come from the file, bit for bit
@@ -276,7 +288,8 @@ def test_quantities_match_one_process_including_an_empty_shard(ranks):
 
 def test_one_all_reduce_per_returned_quantity(ranks):
     P, m = 27, 3
-    # forward 1 value; gradient packs loss and gradient; hvp (P, m); hvp of one vector; gnvp (P, m); float64
+    # forward 1 value; gradient packs loss and gradient; the Hessian operator's (P, m) block and single vector;
+    # the Gauss-Newton operator's (P, m) block; float64; one all-reduce each
     expected = (5, 8 * (1 + (1 + P) + P * m + P + P * m))
     for rank, result in enumerate(ranks):
         for key, counts in result["counts"].items():

@@ -1,4 +1,4 @@
-"""Tests for exponential_euler_solver.eigen against torch.linalg.eigh."""
+"""Tests for exponential_euler_solver.linalg (the eigensolver) against torch.linalg.eigh."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from exponential_euler_solver import eigen
+from exponential_euler_solver import (
+    DenseOperator,
+    LossFunction,
+    g_eigenvector,
+    h_eigenvector,
+    loss_hessian_eigenvector,
+    top_eigenpairs,
+)
 from exponential_euler_solver.curvature import LinearOperator
-from exponential_euler_solver import (DenseOperator, LossFunction, g_eigenvector, h_eigenvector,
-                                      loss_hessian_eigenvector, top_eigenpairs)
+from exponential_euler_solver.linalg import blocks, lobpcg
 
 F64 = torch.float64
 N = 50
@@ -85,10 +91,22 @@ def test_eigenpairs_match_eigh(matrix, which, k):
 @pytest.mark.parametrize("which,k", [("LM", 3), ("LA", 2)])
 def test_ragged_chunks_match_eigh(matrix, monkeypatch, which, k):
     # Long reductions and in-place rotations run over column chunks; 7 leaves a ragged last chunk of 50 entries.
-    monkeypatch.setattr(eigen, "_CHUNK", 7)
+    # (The old eigen._CHUNK is linalg.blocks.CHUNK; linalg.lobpcg imports it by name, so both are patched.)
+    monkeypatch.setattr(blocks, "CHUNK", 7)
+    monkeypatch.setattr(lobpcg, "CHUNK", 7)
+    calls = []
+    real_gram = blocks.gram
+
+    def counting_gram(A, B):
+        calls.append(A.shape[0])
+        return real_gram(A, B)
+
+    monkeypatch.setattr(blocks, "gram", counting_gram)
     result = top_eigenpairs(DenseOperator(matrix), k, which=which, tol=TOL, max_iters=MAX_ITERS,
                             generator=torch.Generator().manual_seed(1))
     _check_result(matrix, result, k, which, TOL, 1e-8)
+    # The chunked reduction was used on vectors of N = 50 entries (chunks 7, ..., 7, 1).
+    assert blocks.CHUNK == 7 and N in calls, f"gram called on row counts {sorted(set(calls))}"
 
 
 class _ReflectedDiagonal(LinearOperator):
@@ -178,7 +196,7 @@ def test_warm_start_needs_fewer_products(matrix):
     cold_op, warm_op = DenseOperator(perturbed), DenseOperator(perturbed)
     cold = top_eigenpairs(cold_op, 2, tol=TOL, generator=torch.Generator().manual_seed(9))
     warm = top_eigenpairs(warm_op, 2, tol=TOL, init=first.eigenvectors)
-    for name, result in (("cold", cold), ("warm", warm)):
+    for result in (cold, warm):
         _check_result(perturbed, result, 2, "LM", TOL, 1e-8)
     assert warm.n_products == warm_op.n_products and cold.n_products == cold_op.n_products
     assert warm.n_products < cold.n_products, \
@@ -271,7 +289,6 @@ def test_init_with_fewer_columns_than_k(matrix):
 # argument errors
 @pytest.mark.parametrize("kwargs,name", [
     pytest.param({"k": 0}, "k", id="k=0"),
-    pytest.param({"k": N}, "k", id="k=n"),
     pytest.param({"k": N + 3}, "k", id="k>n"),
     pytest.param({"k": 1.0}, "k", id="k-float"),
     pytest.param({"which": "XX"}, "which", id="which=XX"),
@@ -292,6 +309,40 @@ def test_bad_arguments_raise_naming_the_argument(matrix, kwargs, name):
     args = {"k": 2, **kwargs}
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         top_eigenpairs(DenseOperator(matrix), args.pop("k"), **args)
+
+
+def test_k_out_of_range_names_the_range(matrix):
+    # k == n is accepted now (the dense path below); the message gives the allowed range 1 <= k <= n.
+    for k in (0, N + 1):
+        with pytest.raises(ValueError, match=rf"1 <= k <= {N}"):
+            top_eigenpairs(DenseOperator(matrix), k)
+
+
+@pytest.mark.parametrize("which", ["LM", "LA", "SA"])
+def test_k_equal_to_n_is_the_whole_spectrum(matrix, which):
+    # Changed behaviour: k == n used to be refused; it now materialises the operator (n products) and
+    # decomposes it densely. The result must be eigh's, ordered as `which` asks.
+    op = DenseOperator(matrix)
+    result = top_eigenpairs(op, N, which=which)
+    vals, vecs = torch.linalg.eigh(matrix)
+    order = {"LM": torch.argsort(vals.abs(), descending=True), "LA": torch.argsort(vals, descending=True),
+             "SA": torch.argsort(vals)}[which]
+    expected = vals[order]
+    err = float((result.eigenvalues - expected).abs().max())
+    assert err <= 1e-13 * float(expected.abs().max()), \
+        f"which={which}: max |eigenvalue - eigh| = {err:.3e}; got {result.eigenvalues[:4].tolist()}..., eigh " \
+        f"{expected[:4].tolist()}..."
+    V = result.eigenvectors
+    assert V.shape == (N, N) and V.dtype == F64
+    ortho = float((V.T @ V - torch.eye(N, dtype=F64)).abs().max())
+    assert ortho <= 1e-12, f"max |V^T V - I| = {ortho:.3e}"
+    # Each vector is eigh's up to sign (the spectrum is simple: TOP and 47 uniform values).
+    cos = (V.T @ vecs[:, order]).diagonal().abs()
+    assert bool((cos >= 1 - 1e-10).all()), f"|cos| to eigh's vectors: min {float(cos.min()):.3e}"
+    res = _residuals(matrix, result.eigenvalues, V)
+    assert bool((res <= 1e-12 * float(expected.abs().max())).all()), f"residuals up to {float(res.max()):.3e}"
+    assert result.converged and result.n_products == N == op.n_products, \
+        (result.converged, result.n_products, op.n_products)
 
 
 # ----------------------------------------------------------------------------------------------------------------

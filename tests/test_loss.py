@@ -10,11 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from exponential_euler_solver import LossFunction
+from exponential_euler_solver import ExponentialEulerSolver, GaussNewtonOperator, HessianOperator, LossFunction
 
-from conftest import N_CLASSES, make_mlp, tiny_data
+from conftest import N_CLASSES, make_mlp, tiny_data, unflatten_reference
 
 F64 = torch.float64
+
+
+def hvp(loss, theta, V, chunk_size=None):
+    """The old ``loss.hvp(theta, V)``: the Hessian operator's product (``(P,)`` or ``(P, m)``)."""
+    return HessianOperator(loss, theta, chunk_size=chunk_size) @ V
+
+
+def gnvp(loss, theta, V, chunk_size=None):
+    """The old ``loss.gnvp(theta, V)``: the Gauss-Newton operator's product."""
+    return GaussNewtonOperator(loss, theta, chunk_size=chunk_size) @ V
 
 
 def _block(n_params: int, m: int, seed: int = 3) -> torch.Tensor:
@@ -93,16 +103,16 @@ def test_hvp_equals_dense_hessian(tiny_problem_shared, dense_hessian, close, bat
     V = _block(problem.n_params, 4)
     v = V[:, 0].clone()
 
-    hv = loss.hvp(problem.theta, v)
+    hv = hvp(loss, problem.theta, v)
     assert hv.shape == v.shape and hv.dtype == F64
     close(hv, dense_hessian @ v, 1e-6, f"hvp(vector), batch_size={batch_size}, chunk={chunk}")
 
-    HV = loss.hvp(problem.theta, V)
+    HV = hvp(loss, problem.theta, V)
     assert HV.shape == V.shape
     close(HV, dense_hessian @ V, 1e-6, f"hvp(P x 4 block), batch_size={batch_size}, chunk={chunk}")
 
     # 3 columns: a chunk of 2 or 4 leaves a ragged last chunk.
-    HV3 = loss.hvp(problem.theta, V[:, :3])
+    HV3 = hvp(loss, problem.theta, V[:, :3])
     close(HV3, dense_hessian @ V[:, :3], 1e-6, f"hvp(P x 3 block), batch_size={batch_size}, chunk={chunk}")
 
 
@@ -114,7 +124,7 @@ def test_hvp_of_a_loss_linear_in_the_parameters_is_zero(chunk):
     ds = TensorDataset(torch.randn(6, 3, generator=gen, dtype=F64), torch.zeros(6, dtype=F64))
     loss = LossFunction(ds, lambda out, y: (out[:, 0] - y).sum(), nn.Linear(3, 1).double(), hvp_chunk_size=chunk)
     V = _block(loss.n_params, 3)
-    HV = loss.hvp(loss.initialize_parameters(dtype=F64), V)
+    HV = hvp(loss, loss.initialize_parameters(dtype=F64), V)
     assert HV.shape == V.shape and torch.equal(HV, torch.zeros_like(V)), HV
 
 
@@ -124,19 +134,36 @@ def test_gnvp_equals_dense_gauss_newton(tiny_problem_shared, dense_gauss_newton,
     loss = _loss(problem, batch_size, chunk)
     V = _block(problem.n_params, 4, seed=4)
 
-    gv = loss.gnvp(problem.theta, V[:, 0])
+    gv = gnvp(loss, problem.theta, V[:, 0])
     assert gv.shape == (problem.n_params,)
     close(gv, dense_gauss_newton @ V[:, 0], 1e-6, f"gnvp(vector), batch_size={batch_size}, chunk={chunk}")
-    close(loss.gnvp(problem.theta, V), dense_gauss_newton @ V, 1e-6,
+    close(gnvp(loss, problem.theta, V), dense_gauss_newton @ V, 1e-6,
           f"gnvp(P x 4 block), batch_size={batch_size}, chunk={chunk}")
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunk_size_given_to_the_operator(tiny_problem_shared, dense_hessian, dense_gauss_newton, close, chunk):
+    # The operators' own chunk_size= (instead of the LossFunction's hvp_chunk_size=) gives the same products.
+    problem = tiny_problem_shared
+    loss = _loss(problem, 5, None)
+    V = _block(problem.n_params, 4, seed=5)
+    op = HessianOperator(loss, problem.theta, chunk_size=chunk)
+    assert op.chunk_size == chunk
+    close(op @ V, dense_hessian @ V, 1e-6, f"HessianOperator(chunk_size={chunk})")
+    close(gnvp(loss, problem.theta, V, chunk_size=chunk), dense_gauss_newton @ V, 1e-6,
+          f"GaussNewtonOperator(chunk_size={chunk})")
+
+
 def test_hvp_rejects_wrong_vector_shape(tiny_problem):
+    # The operators' matmat names the block X and the shapes it accepts.
     loss = LossFunction(tiny_problem.dataset, nn.CrossEntropyLoss(), tiny_problem.net)
-    with pytest.raises(ValueError, match="vectors"):
-        loss.hvp(tiny_problem.theta, torch.zeros(tiny_problem.n_params + 1, dtype=F64))
-    with pytest.raises(ValueError, match="vectors"):
-        loss.gnvp(tiny_problem.theta, torch.zeros(2, tiny_problem.n_params, dtype=F64))
+    P = tiny_problem.n_params
+    with pytest.raises(ValueError, match=rf"X must have shape \({P},\) or \({P}, m\)"):
+        hvp(loss, tiny_problem.theta, torch.zeros(P + 1, dtype=F64))
+    with pytest.raises(ValueError, match="X must have shape"):
+        gnvp(loss, tiny_problem.theta, torch.zeros(2, P, dtype=F64))
+    with pytest.raises(ValueError, match="X must have shape"):
+        hvp(loss, tiny_problem.theta, torch.zeros(P, 2, 1, dtype=F64))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,8 +186,8 @@ def test_every_reduction_gives_the_mean_loss(tiny_problem, close, reduction):
             f"reduction={reduction!r}: {name} {float(got):.17g} != mean loss {float(ref_value.detach()):.17g}"
     close(g, ref_g, 1e-12, f"gradient with reduction={reduction!r}")
     v = _block(tiny_problem.n_params, 1, seed=9)[:, 0]
-    close(loss.hvp(theta, v), tiny_problem.hessian() @ v, 1e-6, f"hvp with reduction={reduction!r}")
-    close(loss.gnvp(theta, v), tiny_problem.gauss_newton() @ v, 1e-6, f"gnvp with reduction={reduction!r}")
+    close(hvp(loss, theta, v), tiny_problem.hessian() @ v, 1e-6, f"hvp with reduction={reduction!r}")
+    close(gnvp(loss, theta, v), tiny_problem.gauss_newton() @ v, 1e-6, f"gnvp with reduction={reduction!r}")
     assert criterion.reduction == reduction, f"criterion.reduction changed to {criterion.reduction!r}"
 
 
@@ -211,8 +238,8 @@ def test_net_and_criterion_are_not_modified(reduction):
     V = torch.randn(loss.n_params, 3, generator=gen, dtype=F64)
     loss.forward(theta)
     loss.gradient(theta)
-    loss.hvp(theta, V)
-    loss.gnvp(theta, V)
+    hvp(loss, theta, V)
+    gnvp(loss, theta, V)
     torch.manual_seed(0)
     loss.initialize_parameters(dtype=F64)
     loss.parameters_of_net()
@@ -236,6 +263,116 @@ def test_construction_does_not_run_the_users_net_in_train_mode():
     _assert_state_unchanged(net, before)
     loss.forward(loss.parameters_of_net(dtype=F64))
     _assert_state_unchanged(net, before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BatchNorm in training mode: batch statistics, the user's running statistics untouched; Dropout refused
+BN_EPS = 1e-5
+
+
+def _bn_train_net(seed: int = 0) -> nn.Module:
+    """Linear(5, 6) -> BatchNorm1d(6) -> tanh -> Linear(6, 3), float64, in training mode, with running statistics
+    far from any batch's (so using them instead of the batch's would show in the loss)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, eps=BN_EPS), nn.Tanh(), nn.Linear(6, N_CLASSES)).double()
+    gen = torch.Generator().manual_seed(seed + 200)
+    with torch.no_grad():
+        net[1].running_mean.copy_(3 * torch.randn(6, generator=gen, dtype=F64))
+        net[1].running_var.copy_(4 + torch.rand(6, generator=gen, dtype=F64))
+        net[1].num_batches_tracked.fill_(11)
+    return net.train()
+
+
+def _bn_reference_loss(net: nn.Module, theta: torch.Tensor, X, y, batch_size: int) -> torch.Tensor:
+    """The mean cross-entropy with each batch normalised by its own statistics (mean and biased variance over
+    the batch), written out (no running statistics at all).
+
+    The normalisation is spelled out rather than taken from ``F.batch_norm(training=True)``: their values agree
+    (checked in the test), but in torch 2.13 ``torch.func.hessian`` (and ``jacrev(jacrev)``) of
+    ``F.batch_norm(training=True)`` gets the block mixing the layer's input and its weight wrong (off by O(1)
+    against central differences of the gradient), so it could not serve as the Hessian reference."""
+    p = unflatten_reference(net, theta)
+    total = theta.new_zeros(())
+    for start in range(0, X.shape[0], batch_size):
+        xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+        z = F.linear(xb, p["0.weight"], p["0.bias"])
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + BN_EPS) * p["1.weight"] + p["1.bias"]
+        out = F.linear(torch.tanh(z), p["3.weight"], p["3.bias"])
+        total = total + F.cross_entropy(out, yb, reduction="sum")
+    return total / X.shape[0]
+
+
+@pytest.mark.parametrize("batch_size", [12, 5])
+def test_batchnorm_in_training_mode_uses_batch_statistics(close, batch_size):
+    X, y = tiny_data()
+    net = _bn_train_net()
+    before = _state(net)
+    loss = LossFunction(TensorDataset(X, y), nn.CrossEntropyLoss(), net, batch_size=batch_size)
+    gen = torch.Generator().manual_seed(31)
+    theta = 0.6 * torch.randn(loss.n_params, generator=gen, dtype=F64)
+
+    ref_theta = theta.clone().requires_grad_(True)
+    ref_value = _bn_reference_loss(net, ref_theta, X, y, batch_size)
+    (ref_g,) = torch.autograd.grad(ref_value, ref_theta)
+    value, g = loss.gradient(theta)
+    forward = float(loss.forward(theta))
+    expected = float(ref_value.detach())
+    # The written-out normalisation is torch's training-mode batch norm.
+    z = F.linear(X[:batch_size], *(unflatten_reference(net, theta)[k] for k in ("0.weight", "0.bias")))
+    p1 = unflatten_reference(net, theta)
+    written = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + BN_EPS) * p1["1.weight"] + p1["1.bias"]
+    close(written, F.batch_norm(z, None, None, p1["1.weight"], p1["1.bias"], training=True, eps=BN_EPS), 1e-13,
+          "written-out batch norm vs F.batch_norm(training=True)")
+    for name, got in (("forward", forward), ("gradient's loss", float(value))):
+        assert abs(got - expected) <= 1e-12 * abs(expected), \
+            f"batch_size={batch_size}: {name} {got:.17g} != batch-statistics reference {expected:.17g}"
+    # With the running statistics the loss would be another number (the test data must tell them apart).
+    running = float(F.cross_entropy(torch.func.functional_call(net.eval(), unflatten_reference(net, theta), (X,)), y))
+    net.train()
+    assert abs(running - expected) > 1e-3 * expected, (running, expected)
+    close(g, ref_g, 1e-12, f"gradient with BatchNorm in training mode, batch_size={batch_size}")
+    V = _block(loss.n_params, 2, seed=32)
+    H = torch.func.hessian(lambda t: _bn_reference_loss(net, t, X, y, batch_size))(theta)
+    close(hvp(loss, theta, V), H @ V, 1e-8, f"Hessian product with BatchNorm in training mode, batch_size={batch_size}")
+    _assert_state_unchanged(net, before)
+    assert net.training and net[1].training, "the user's net left training mode"
+
+
+def test_batchnorm_in_training_mode_trains_and_leaves_the_net_alone():
+    X, y = tiny_data()
+    net = _bn_train_net(seed=1)
+    before = _state(net)
+    loss = LossFunction(TensorDataset(X, y), nn.CrossEntropyLoss(), net)
+    gen = torch.Generator().manual_seed(33)
+    theta = 0.6 * torch.randn(loss.n_params, generator=gen, dtype=F64)
+    params = theta.clone()
+    solver = ExponentialEulerSolver(params, loss, 1.0, 2)
+    reports = [solver.step() for _ in range(4)]
+    # Every step lowers the loss, and the losses reported are those of the batch-statistics reference.
+    for r in reports:
+        assert r.new_loss < r.loss, f"step {r.step}: loss {r.loss!r} -> {r.new_loss!r}"
+    start, end = (float(_bn_reference_loss(net, t, X, y, 12)) for t in (theta, params))
+    assert abs(reports[0].loss - start) <= 1e-12 * start, (reports[0].loss, start)
+    assert abs(reports[-1].new_loss - end) <= 1e-12 * end, (reports[-1].new_loss, end)
+    assert end < start, (start, end)
+    _assert_state_unchanged(net, before)  # running_mean, running_var, num_batches_tracked and the weights
+    assert net.training and all(m.training for m in net.modules()), "the user's net left training mode"
+
+
+def test_dropout_in_training_mode_is_refused():
+    X, y = tiny_data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.3), nn.Tanh(), nn.Linear(4, N_CLASSES)).double().train()
+    with pytest.raises(ValueError, match=r"Dropout in training mode.*net\.eval\(\)"):
+        LossFunction(TensorDataset(X, y), nn.CrossEntropyLoss(), net)
+    # In eval mode (or with p = 0) Dropout is the identity and is accepted.
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    with torch.no_grad():
+        reference = float(F.cross_entropy(net[3](torch.tanh(net[0](X))), y))
+    for label, module in (("eval", net.eval()),
+                          ("p=0", nn.Sequential(net[0], nn.Dropout(0.0), nn.Tanh(), net[3]).train())):
+        value = float(LossFunction(TensorDataset(X, y), nn.CrossEntropyLoss(), module).forward(theta))
+        assert abs(value - reference) <= 1e-12 * reference, f"{label}: {value!r} != {reference!r}"
 
 
 def test_float32_net_with_float64_data_and_params(close):
@@ -279,8 +416,8 @@ def test_network_with_buffers(problem_factory, close):
     (ref_g,) = torch.autograd.grad(problem.loss(ref_theta), ref_theta)
     close(loss.gradient(theta)[1], ref_g, 1e-12, "gradient with buffers")
     V = _block(problem.n_params, 3, seed=7)
-    close(loss.hvp(theta, V), problem.hessian() @ V, 1e-6, "hvp with buffers")
-    close(loss.gnvp(theta, V), problem.gauss_newton() @ V, 1e-6, "gnvp with buffers")
+    close(hvp(loss, theta, V), problem.hessian() @ V, 1e-6, "hvp with buffers")
+    close(gnvp(loss, theta, V), problem.gauss_newton() @ V, 1e-6, "gnvp with buffers")
 
 
 class _TwoInputNet(nn.Module):
@@ -325,8 +462,8 @@ def test_two_input_network(problem_factory, close, kind):
     value, g = loss.gradient(theta)
     close(g, ref_g, 1e-12, f"gradient, two inputs, {kind}")
     V = _block(problem.n_params, 2, seed=14)
-    close(loss.hvp(theta, V), problem.hessian() @ V, 1e-6, f"hvp, two inputs, {kind}")
-    close(loss.gnvp(theta, V), problem.gauss_newton() @ V, 1e-6, f"gnvp, two inputs, {kind}")
+    close(hvp(loss, theta, V), problem.hessian() @ V, 1e-6, f"hvp, two inputs, {kind}")
+    close(gnvp(loss, theta, V), problem.gauss_newton() @ V, 1e-6, f"gnvp, two inputs, {kind}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,10 +3,13 @@ exact flow of a quadratic loss."""
 
 import pytest
 import torch
+from torch.func import functional_call, hessian
 from torch.utils.data import TensorDataset
 
 import exponential_euler_solver as euler
 from exponential_euler_solver.errors import NonFiniteError, StepRejectedError
+
+from conftest import unflatten_reference
 
 
 # -- problems ------------------------------------------------------------------------------------------------
@@ -55,8 +58,26 @@ def mlp_problem():
     return loss, params
 
 
+def reference_loss(loss):
+    """The mean loss of ``loss`` written out independently of the library: the network evaluated with
+    ``functional_call`` on the flat vector laid out in ``named_parameters()`` order (conftest's
+    ``unflatten_reference``), the criterion applied to the whole dataset, read as a mean unless it returns one
+    value per example (then averaged)."""
+    *inputs, labels = loss.dataset.tensors
+    net, criterion = loss.net, loss.criterion
+
+    def value(theta):
+        out = criterion(functional_call(net, unflatten_reference(net, theta), tuple(inputs)), labels)
+        return out.mean() if out.ndim else out
+
+    return value
+
+
 def dense_hessian(loss, params):
-    return euler.HessianOperator(loss, params).to_dense()
+    """``torch.func.hessian`` of :func:`reference_loss` at ``params`` (symmetrised): the independent reference,
+    not the library's HessianOperator."""
+    H = hessian(reference_loss(loss))(params.detach().clone())
+    return (H + H.T) / 2
 
 
 def by_magnitude(H):
@@ -197,7 +218,7 @@ def test_a_refresh_after_a_rejection_caps_the_retry():
                               _Vector(2))
     p = torch.tensor([3.0, 1.0], dtype=torch.float64)
     solver = euler.AdaptiveGradientDescent(p, loss, 0.5, rtol=None, max_eig_age=1000)
-    for step in range(4):
+    for step in range(4):  # noqa: B007 (read after the loop)
         start = p.clone()
         r = solver.step()
         if r.rejections:
@@ -367,3 +388,67 @@ def test_corrector_has_order_two(make):
         errors.append((p - ref).norm().item())
     ratios = [errors[i] / errors[i + 1] for i in range(2)]
     assert all(3.3 < r < 4.8 for r in ratios), (errors, ratios)
+
+
+# -- the references themselves -------------------------------------------------------------------------------------
+def test_reference_hessian_of_the_quadratic_is_a():
+    loss, A, target, theta0 = quadratic_problem([5.0, 2.0, -1.0, 0.5])
+    H = dense_hessian(loss, theta0)
+    err = float((H - A).abs().max())
+    assert err <= 1e-12 * float(A.abs().max()), f"max |H_ref - A| = {err:.3e}"
+
+
+# -- argument checks added with the redesign -----------------------------------------------------------------------
+def test_rk4_refuses_rtol(mlp_problem):
+    loss, params = mlp_problem
+    with pytest.raises(ValueError, match=r"rtol must be None for RungeKutta4Solver.*got 0\.1") as info:
+        euler.RungeKutta4Solver(params.clone(), loss, 0.1, rtol=0.1)
+    assert "alpha" in str(info.value), info.value  # it says what to do instead
+    # rtol=None (the default) is accepted.
+    assert euler.RungeKutta4Solver(params.clone(), loss, 0.1, rtol=None).rtol is None
+
+
+SOLVER_CLASSES = {
+    "GradientDescent": lambda p, loss: euler.GradientDescent(p, loss, 0.1),
+    "AdaptiveGradientDescent": lambda p, loss: euler.AdaptiveGradientDescent(p, loss, 0.1),
+    "ExponentialEulerSolver": lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.1, 1),
+    "RungeKutta4Solver": lambda p, loss: euler.RungeKutta4Solver(p, loss, 0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(SOLVER_CLASSES))
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda theta: (theta ** 2).sum(), id="function"),
+    pytest.param(torch.nn.CrossEntropyLoss(), id="criterion-module"),
+    pytest.param(None, id="None"),
+])
+def test_a_loss_that_is_not_a_loss_function_raises_type_error(mlp_problem, name, bad):
+    _, params = mlp_problem
+    with pytest.raises(TypeError, match="LossFunction") as info:
+        SOLVER_CLASSES[name](params.clone(), bad)
+    assert type(bad).__name__ in str(info.value), info.value  # it names what it got
+
+
+def test_exponential_euler_with_all_but_one_direction_stiff_is_exact():
+    # stiff_dim = P - 1 (allowed now): all P eigenpairs are tracked (top_eigenpairs' dense k == n path), the five
+    # positive ones are integrated exactly and the last, zero, explicitly (exact too: the gradient has no
+    # component there). Every step follows the matrix-exponential flow.
+    eigvals = [50.0, 7.0, 2.0, 1.0, 0.5, 0.0]
+    loss, A, target, theta0 = quadratic_problem(eigvals, seed=3)
+    P = len(eigvals)
+    p = theta0.clone()
+    solver = euler.ExponentialEulerSolver(p, loss, 0.3, P - 1)
+    assert solver.stiff_dim == P - 1
+    for step in range(5):
+        report = solver.step()
+        ref = exact_flow(A, target, theta0, report.t)
+        err = float((p - ref).norm())
+        assert err <= 1e-10, f"step {step}, t = {report.t}: ||theta - exact flow|| = {err:.3e}"
+        assert report.new_loss < report.loss
+    ev = torch.tensor(eigvals, dtype=torch.float64)
+    assert torch.allclose(report.eigvals, ev, rtol=0, atol=1e-12), (report.eigvals.tolist(), eigvals)
+    # dt = the step limit: the explicit direction has curvature 0, so no stability cap.
+    assert report.t == pytest.approx(5 * 0.3, rel=1e-14), report.t
+    with pytest.raises(ValueError, match=rf"stiff_dim must be a positive int smaller than the number of "
+                                         rf"parameters \({P}\); got {P}"):
+        euler.ExponentialEulerSolver(theta0.clone(), loss, 0.3, P)

@@ -59,3 +59,20 @@ def test_user_loop_seed_network(digits, which, n_classes):
     X, y = select_subset(*digits, 64, n_classes, 0)
     solver, loss = user_loop(TensorDataset(X, y), mlp(512, 6, n_classes), n_classes, which)
     assert loss <= 0.01 and solver.n_steps > 1
+
+
+def test_integrate_with_step_loss_is_the_user_loop(digits):
+    # The one driver's Stop(step_loss=0.01) is the user's loop above: same steps, same parameters, bit for bit.
+    X, y = select_subset(*digits, 16, 2, 0)
+    ds = TensorDataset(X, y)
+    solver, loss = user_loop(ds, mlp(64, 3, 2), 2, "euler")
+
+    loss_func = euler.LossFunction(ds, torch.nn.CrossEntropyLoss(), mlp(64, 3, 2), batch_size=len(ds))
+    torch.manual_seed(0)
+    params = loss_func.initialize_parameters()
+    again = euler.ExponentialEulerSolver(params, loss_func, 0.01, 1)
+    trajectory = euler.integrate(again, euler.Stop(step_loss=0.01))
+    assert trajectory.stop_reason == "target" and float(trajectory.loss[-1]) == loss
+    assert again.n_steps == solver.n_steps and again.t == solver.t, (again.n_steps, solver.n_steps)
+    assert torch.equal(again.params, solver.params), \
+        f"max |integrate - loop| = {float((again.params - solver.params).abs().max()):.3e}"

@@ -1,0 +1,4 @@
+"""The benchmark command and its parts, one module each: :mod:`.cli` (arguments, output), :mod:`.suite` (running
+the grid), :mod:`.problem` (data subset, network, loss), :mod:`.results`, :mod:`.report` (tables, JSON, plot),
+:mod:`.grid_checkpoint`, :mod:`.peer` (stable-solvers in our step protocol), :mod:`.datasets` and
+:mod:`.memory` (the memory probe)."""

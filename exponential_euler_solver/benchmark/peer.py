@@ -1,11 +1,13 @@
-"""The existing implementation, ``stable-solvers`` 0.1 (the "peer"), run on a benchmark problem.
+"""The existing implementation, ``stable-solvers`` 0.1 (the "peer"), wrapped in this library's step protocol.
 
 The peer is imported lazily, only when a comparison is asked for (``pip install exponential-euler-solver[compare]``).
-Each peer run starts from a clone of the problem's initial parameters, on the peer's own ``LossFunction`` over the
-problem's dataset, a copy of its network and a fresh ``CrossEntropyLoss`` (the peer moves the network it is given
-to the ``meta`` device and rewrites the criterion's reduction, so it never sees the benchmark's own objects). It
-is driven by the seed's loop, ``while loss > target: loss = solver.step().loss``, without asserting that the loss
-falls (the peer's loss may rise; its own warning about that is silenced and the rises are visible in the history).
+:class:`PeerSolver` runs the peer's solver from a clone of the problem's initial parameters, on the peer's own
+``LossFunction`` over the problem's dataset, a copy of its network and a fresh ``CrossEntropyLoss`` (the peer moves
+the network it is given to the ``meta`` device and rewrites the criterion's reduction, so it never sees the
+benchmark's own objects). It has ``step()``, ``params``, ``t``, ``n_steps``, ``loss_value`` and
+``current_gradient()``, so :func:`~exponential_euler_solver.integrate` drives it like any solver of ours, with the
+seed's loop (``Stop(step_loss=target)``) and without asserting that the loss falls (the peer's loss may rise; its
+own warning about that is silenced and the rises are visible in the record).
 
 What is counted, from outside the peer's code:
 
@@ -14,6 +16,10 @@ What is counted, from outside the peer's code:
   (``n = 1`` for adaptive gradient descent, ``stiff_dim + 1`` for exponential Euler), and each application makes
   one call of the loss function's ``dataloader()``. Calls of ``dataloader()`` made outside ``gradient()`` and
   ``forward()`` are counted as operator applications, and HVPs = applications x ``n`` (:data:`HVP_COUNTING`).
+
+The peer does not report the loss and gradient at the end of a step (it computes them at the start of the next).
+The adapter evaluates them after each step with the benchmark's own loss function, outside the step's timing and
+the counts: they give the record its ``new_loss`` and slopes and the driver its interpolation.
 """
 
 from __future__ import annotations
@@ -24,16 +30,17 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
-from torch import nn
-from tqdm import tqdm
+from torch import Tensor, nn
 
-from .runner import DEFAULT_MAX_STEPS, ParamSampler, Problem, RunResult, StepRecord, crossing_time
+from ..errors import NonFiniteError, SolverError
+from ..solvers import SOLVERS, StepReport
+from .problem import Problem
 
 __all__ = ["PEER_PACKAGE", "PEER_MODULE", "PEER_MISSING", "HVP_COUNTING", "DEFAULT_MAX_SECONDS", "PeerMissingError",
-           "PeerSpec", "PEER_SOLVERS", "import_peer", "peer_version", "peer_implementation", "run_peer"]
+           "PeerSpec", "PEER_SOLVERS", "PeerSolver", "import_peer", "peer_version", "peer_implementation"]
 
 PEER_PACKAGE = "stable-solvers"
 PEER_MODULE = "stable_solvers"
@@ -52,27 +59,22 @@ class PeerMissingError(ImportError):
 
 @dataclass(frozen=True)
 class PeerSpec:
-    """How a peer solver is built with the seed's arguments.
+    """The peer's counterpart of one of our solvers, built with the same (the seed's) arguments.
 
     Attributes:
         class_name: the class in ``stable_solvers``.
-        arguments: keyword arguments for a problem with ``n_classes`` classes.
-        block_width: the number of vectors its power iteration multiplies by the Hessian at once.
+        block_width: the number of vectors its power iteration multiplies by the Hessian at once, for a problem
+            with ``n_classes`` classes.
     """
 
     class_name: str
-    arguments: Callable[[int], Dict[str, object]]
     block_width: Callable[[int], int]
 
 
-#: Benchmark solver name -> the peer's solver with the seed benchmark's arguments.
+#: Our solver name (a key of SOLVERS) -> the peer's counterpart; solvers without one are not compared.
 PEER_SOLVERS: Dict[str, PeerSpec] = {
-    "exponential-euler": PeerSpec(
-        "ExponentialEulerSolver", lambda n_classes: {"max_step_size": 0.01, "stiff_dim": n_classes - 1},
-        lambda n_classes: n_classes),
-    "adaptive": PeerSpec(
-        "AdaptiveGradientDescent", lambda n_classes: {"lr": 0.01, "warmup_iters": 10, "warmup_factor": 0.01},
-        lambda n_classes: 1),
+    "exponential-euler": PeerSpec("ExponentialEulerSolver", lambda n_classes: n_classes),
+    "adaptive": PeerSpec("AdaptiveGradientDescent", lambda n_classes: 1),
 }
 
 
@@ -117,21 +119,19 @@ def _counting_loss_class(module):
             self.n_operator_passes = 0
             self._own_passes = 0  # > 0 while gradient() or forward() iterates over the data
 
-        def gradient(self, params):
-            self.n_gradient += 1
+        def _counted(self, method, counter: str, params):
+            setattr(self, counter, getattr(self, counter) + 1)
             self._own_passes += 1
             try:
-                return super().gradient(params)
+                return method(params)
             finally:
                 self._own_passes -= 1
 
+        def gradient(self, params):
+            return self._counted(super().gradient, "n_gradient", params)
+
         def forward(self, params):
-            self.n_value += 1
-            self._own_passes += 1
-            try:
-                return super().forward(params)
-            finally:
-                self._own_passes -= 1
+            return self._counted(super().forward, "n_value", params)
 
         def dataloader(self, device):
             if not self._own_passes:
@@ -141,115 +141,88 @@ def _counting_loss_class(module):
     return CountingLossFunction
 
 
-def _make_peer_loss(module, problem: Problem):
-    data = problem.loss_func.dataset
-    return _counting_loss_class(module)(data, nn.CrossEntropyLoss(), copy.deepcopy(problem.loss_func.net),
-                                        batch_size=len(data))
+class PeerSolver:
+    """The peer's counterpart of our solver ``solver`` on ``problem``, in this library's step protocol.
 
+    ``torch.manual_seed(problem.seed)`` is called before the peer's solver is built (its power iteration starts
+    from ``torch.randn``). A step's report carries the peer's own loss at the start of the step (what the seed's
+    loop reads), its ``dt``, ``sharpness`` (as ``|sharpness|``, what its step uses) or ``eigvals`` (as it reports
+    them), the counts (see the module docstring) and the seconds of the peer's ``step()`` call alone.
 
-def run_peer(problem: Problem, solver: str, target: float, *, max_steps: int = DEFAULT_MAX_STEPS,
-             max_seconds: float = DEFAULT_MAX_SECONDS, quiet: bool = False,
-             sampler: Optional[ParamSampler] = None) -> RunResult:
-    """Run the peer's counterpart of ``solver`` from a clone of ``problem.init_params`` with the seed's loop.
-
-    ``torch.manual_seed(problem.seed)`` is called first (the peer's power iteration starts from ``torch.randn``).
-    The run stops, converged, at the first step whose reported loss (the loss at its start) is ``<= target``;
-    not converged after ``max_steps`` steps, once ``max_seconds`` of stepping have passed (checked between
-    steps), when the reported loss is not finite, or when the peer raises (its power iteration gives up after
-    1000 iterations). Its flow time is the sum of the reported ``dt``. The history's ``new_loss`` of a step is the
-    next step's reported loss; for the last step it is evaluated afterwards with the benchmark's own loss
-    function (outside the timing and the counts). ``sharpness`` (adaptive) is stored as ``|sharpness|``, what the
-    peer's step uses; ``eigvals`` (exponential Euler) as the peer reports them. Counts: see the module docstring.
-    With a ``sampler``, parameters are recorded as in :func:`~.runner.run_solver` (a converged run continues,
-    untimed, until the sampler's last time, within ``max_steps`` further steps and ``max_seconds``).
-
-    Returns:
-        A :class:`~.runner.RunResult` with ``implementation`` :func:`peer_implementation` and ``n_rejected`` 0
-        (the peer accepts every step).
+    Args:
+        problem: the benchmark problem.
+        solver: a key of :data:`PEER_SOLVERS`.
 
     Raises:
         PeerMissingError: ``stable-solvers`` is not installed.
-        KeyError: ``solver`` is not a key of :data:`PEER_SOLVERS`.
+        KeyError: ``solver`` has no peer counterpart.
     """
-    module = import_peer()
-    spec = PEER_SOLVERS[solver]
-    args = spec.arguments(problem.n_classes)
-    width = spec.block_width(problem.n_classes)
-    loss_func = _make_peer_loss(module, problem)
-    params = problem.init_params.clone()
-    torch.manual_seed(problem.seed)
-    instance = getattr(module, spec.class_name)(params, loss_func, **args)
-    history: List[StepRecord] = []
-    error: Optional[str] = None
-    stop = "target"
-    desc = f"{PEER_PACKAGE} {spec.class_name} n={problem.n_train} C={problem.n_classes} seed={problem.seed}"
-    loss, t = math.inf, 0.0
-    sampled = 0.0 if sampler is None else sampler.seconds
 
-    def elapsed() -> float:
-        return time.perf_counter() - start - ((sampler.seconds - sampled) if sampler is not None else 0.0)
+    def __init__(self, problem: Problem, solver: str):
+        module = import_peer()
+        spec = PEER_SOLVERS[solver]
+        self.name = solver
+        self.arguments = SOLVERS[solver].arguments(problem.n_classes)
+        self.label = SOLVERS[solver].label
+        self._width = spec.block_width(problem.n_classes)
+        data = problem.loss_func.dataset
+        self._peer_loss = _counting_loss_class(module)(data, nn.CrossEntropyLoss(),
+                                                       copy.deepcopy(problem.loss_func.net), batch_size=len(data))
+        self._loss = problem.loss_func
+        self.params = problem.init_params.clone()
+        torch.manual_seed(problem.seed)
+        self._peer = getattr(module, spec.class_name)(self.params, self._peer_loss, **self.arguments)
+        self.t = 0.0
+        self.n_steps = 0
+        self.n_rejected = 0
+        self._loss_value: Optional[float] = None
+        self._grad: Optional[Tensor] = None
 
-    with warnings.catch_warnings(), tqdm(desc=desc, unit="step", disable=quiet, dynamic_ncols=True) as bar:
-        warnings.filterwarnings("ignore", message=_RISE_WARNING)
+    @property
+    def n_grad(self) -> int:
+        return self._peer_loss.n_gradient
+
+    @property
+    def n_hvp(self) -> int:
+        return self._peer_loss.n_operator_passes * self._width
+
+    @property
+    def loss_value(self) -> Optional[float]:
+        return self._loss_value
+
+    def current_gradient(self) -> Tensor:
+        """The gradient at the current parameters by the benchmark's loss function (not counted)."""
+        if self._grad is None:
+            loss, self._grad = self._loss.gradient(self.params)
+            self._loss_value = float(loss)
+        return self._grad
+
+    def step(self) -> StepReport:
+        """One step of the peer; raises :class:`~exponential_euler_solver.SolverError` when the peer raises (its
+        power iteration gives up after 1000 iterations) or reports a loss that is not finite."""
+        slope = -float(torch.linalg.vector_norm(self.current_gradient().double())) ** 2
         start = time.perf_counter()
-        while not loss <= target:
-            if not math.isfinite(loss) and history:
-                error, stop = f"the peer's loss is not finite ({loss}) at step {len(history) - 1}", "error"
-                break
-            if len(history) >= max_steps:
-                stop = "max_steps"
-                break
-            if elapsed() >= max_seconds:
-                stop = "max_seconds"
-                break
-            if sampler is not None:
-                sampler.before_step(params)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_RISE_WARNING)
             try:
-                report = instance.step()
+                report = self._peer.step()
             except RuntimeError as exc:
-                error, stop = f"{type(exc).__name__}: {exc}", "error"
-                break
-            t_end = t + float(report.dt)
-            if sampler is not None:
-                sampler.after_step(t, t_end, params)
-            loss = float(report.loss)
-            if history:
-                history[-1].new_loss = loss
-            eigvals = getattr(report, "eigvals", None)
-            sharpness = getattr(report, "sharpness", None)
-            history.append(StepRecord(
-                step=len(history), t_start=t, t=t_end, dt=float(report.dt), loss=loss, new_loss=math.nan,
-                eigvals=None if eigvals is None else [float(v) for v in eigvals.tolist()],
-                sharpness=None if sharpness is None else abs(float(sharpness)),
-                n_grad=loss_func.n_gradient, n_hvp=loss_func.n_operator_passes * width, rejections=0,
-                eig_refreshed=True))
-            t = t_end
-            bar.set_postfix({"step": len(history) - 1, "loss": f"{loss:.4g}", "t": f"{t:.4g}",
-                             "dt": f"{float(report.dt):.3g}"}, refresh=False)
-            bar.update(1)
-        wall_time = elapsed()
-        n_grad, n_hvp = loss_func.n_gradient, loss_func.n_operator_passes * width
-        if history:
-            history[-1].new_loss = float(problem.loss_func(params))
-        if sampler is not None and stop == "target":
-            budget = max_seconds - wall_time
-            begun = time.perf_counter()
-            for _ in range(max_steps):
-                if sampler.done or time.perf_counter() - begun >= budget:
-                    break
-                sampler.before_step(params)
-                try:
-                    report = instance.step()
-                except RuntimeError:
-                    break
-                sampler.after_step(t, t + float(report.dt), params)
-                t += float(report.dt)
-                sampler.extra_steps += 1
-    converged = stop == "target"
-    return RunResult(
-        n_train=problem.n_train, n_classes=problem.n_classes, seed=problem.seed, solver=solver, solver_args=args,
-        target=target, converged=converged, error=error, wall_time=wall_time, steps=len(history), n_grad=n_grad,
-        n_hvp=n_hvp, n_rejected=0, t_target=crossing_time(history, target),
-        final_loss=history[-1].new_loss if history else None,
-        strictly_decreasing=all(rec.new_loss < rec.loss for rec in history), history=history,
-        implementation=peer_implementation(), stop_reason=stop)
+                raise SolverError(f"the peer raised {type(exc).__name__}: {exc}", step=self.n_steps,
+                                  t=self.t) from exc
+        seconds = time.perf_counter() - start
+        loss = float(report.loss)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"the peer's loss is not finite ({loss})", step=self.n_steps, t=self.t)
+        dt = float(report.dt)
+        t_start, self.t = self.t, self.t + dt
+        self._grad = None
+        new_grad = self.current_gradient()
+        eigvals = getattr(report, "eigvals", None)
+        sharpness = getattr(report, "sharpness", None)
+        out = StepReport(step=self.n_steps, loss=loss, new_loss=self._loss_value, dt=dt, t=self.t, t_start=t_start,
+                         slope=slope, new_slope=-float(torch.linalg.vector_norm(new_grad.double())) ** 2,
+                         n_grad=self.n_grad, n_hvp=self.n_hvp, n_rejected=0,
+                         eigvals=None if eigvals is None else torch.as_tensor(eigvals).detach().double().cpu(),
+                         sharpness=None if sharpness is None else abs(float(sharpness)), seconds=seconds)
+        self.n_steps += 1
+        return out

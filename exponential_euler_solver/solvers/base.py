@@ -1,24 +1,86 @@
-"""The solver base class: a step proposes, the controller decides."""
+"""The solver contract and the step loop: a step proposes, the controller decides.
+
+The contract
+============
+A solver integrates the gradient flow ``d theta/dt = -grad L(theta)`` of a
+:class:`~exponential_euler_solver.LossFunction` in accepted steps. :meth:`Solver.step` updates ``params`` **in
+place** and returns a :class:`StepReport`. The loop is written once, here; a method is a subclass that provides:
+
+``_max_dt() -> float``
+    The largest step the method may take from the current point (its stability cap and the user's step limit).
+``_propose(dt) -> Proposal``
+    The candidate parameter change for a step of ``dt`` from the current point ``params`` with gradient
+    ``self._grad`` (cached, never recomputed). It may evaluate gradients at stage points through
+    :meth:`Solver._evaluate`, which counts them; it must not change ``params`` or any state that a retry from
+    the same point would see. A stage whose loss or gradient is not finite is reported with
+    ``Proposal(delta, finite=False, loss=...)``.
+``_error_norm(dt, proposal, new_grad) -> float | None``
+    The method's local error estimate for the accepted point, in parameter space (an absolute norm), given the
+    gradient at the candidate (which the loop evaluates anyway: it is the next step's gradient). None: no
+    estimate. The controller works with ``ratio = error / (rtol * ||delta||)``.
+
+and may override:
+
+``_prepare()``
+    Gather the curvature the step needs at the current point (may cost Hessian-vector products; add them to
+    ``n_hvp``). Called once per step, before the first proposal.
+``_on_reject()``
+    Called after each rejection, before the retry (e.g. refresh stale curvature); the cap is re-read after it.
+``_on_accept(dt, proposal, new_grad)``
+    Called once the candidate is accepted, before ``params`` and the cached gradient move to it: the place to
+    keep what a multistep method needs from this step.
+``_report_extras() -> dict``
+    Extra :class:`StepReport` fields (``sharpness``, ``eigvals``, ``eigvecs``).
+``_method_state() / _load_method_state(state)``
+    What the method caches between steps (eigenpairs, history), as tensors and plain containers, so that a
+    checkpoint continues the run bit for bit.
+``_stability_curvature() -> float | None``
+    The ``|lambda|`` that ``error_if_unstable`` checks ``dt`` against.
+
+Class attributes: ``order`` (convergence order of the accepted solution) and ``error_order`` (the power of dt by
+which the error *ratio* grows: the order of the error estimate minus one; the controller's exponent).
+
+What the loop guarantees: the loss and gradient are evaluated at every candidate (one pass over the data); a
+candidate is accepted when the controller says so (finite, decreased when ``monotone``, error ratio <= 1); a
+rejected candidate is retried from the same point with a smaller dt and the same curvature unless
+``_on_reject`` refreshes it; after ``max_rejections`` in a row :class:`StepRejectedError` is raised.
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..control import DEFAULT_RTOL, StepSizeController
+from .._validate import non_negative_int, positive_float, positive_int
 from ..errors import NonFiniteError, StepRejectedError, UnstableStepError
-from ._validate import non_negative_int, positive_float, positive_int
+from .control import DEFAULT_RTOL, StepSizeController
 
-__all__ = ["Solver", "StepReport", "Proposal", "DEFAULT_RTOL", "MAX_REJECTIONS"]
+__all__ = ["Solver", "StepReport", "Proposal", "DEFAULT_RTOL", "MAX_REJECTIONS", "check_loss"]
 
 MAX_REJECTIONS = 30  # consecutive rejections before a step gives up (dt has then shrunk by 2**30 at least)
 GRADIENT_NOISE_FACTOR = 16  # gradient differences below this many ulps of the largest gradient norm are noise
 ROUNDOFF_FACTOR = 64  # loss changes below this many ulps of the loss count as "no change" (a stationary point)
 DEFAULT_CHECK_EVERY = 100  # steps between data-parallel checks that all ranks hold the same parameters
+
+
+def check_loss(loss) -> None:
+    """Raise TypeError unless ``loss`` is a :class:`~exponential_euler_solver.LossFunction` (checked by what a
+    solver uses of it, so a subclass or a wrapper with the same interface passes)."""
+    from ..loss import LossFunction
+
+    if isinstance(loss, LossFunction):
+        return
+    missing = [name for name in ("gradient", "check_params", "n_params", "batches", "batch_loss", "reduce")
+               if not hasattr(loss, name)]
+    if missing:
+        raise TypeError(f"loss must be an exponential_euler_solver.LossFunction (build one with "
+                        f"LossFunction(dataset, criterion, net)); got {type(loss).__name__}, which has no "
+                        f"{', '.join(missing)}")
 
 
 @dataclass
@@ -31,6 +93,9 @@ class StepReport:
         new_loss: loss at the end of the step (at the new parameters).
         dt: flow time advanced by the step.
         t: flow time after the step (a Python float, accumulated in float64).
+        t_start: flow time at the start of the step (the previous step's ``t``).
+        slope, new_slope: ``dL/dt = -||grad L||^2`` at the start and at the end of the step (float64 norms),
+            for interpolating the loss within the step.
         n_grad: gradient evaluations so far (cumulative; a loss-and-gradient pass counts one).
         n_hvp: Hessian-vector products so far (cumulative).
         n_rejected: rejected proposals so far (cumulative).
@@ -42,6 +107,7 @@ class StepReport:
         eigvecs: the eigenvectors used, when ``report_eigvecs=True``.
         eig_age: accepted steps since the eigenpairs used were computed (0: computed for this step), for the
             solvers that track eigenpairs.
+        seconds: wall-clock seconds the step took (``time.perf_counter``, from entering ``step()`` to its return).
     """
 
     step: int
@@ -59,78 +125,81 @@ class StepReport:
     gradient: Optional[Tensor] = None
     eigvecs: Optional[Tensor] = None
     eig_age: Optional[int] = None
+    t_start: Optional[float] = None
+    slope: Optional[float] = None
+    new_slope: Optional[float] = None
+    seconds: Optional[float] = None
 
 
 @dataclass
 class Proposal:
-    """A candidate step from the current point.
+    """A candidate step from the current point (see the contract in the module docstring).
 
     Attributes:
         delta: the parameter change.
-        predicted_gradient: the gradient the step's own model predicts at the candidate, for the embedded
-            error estimate ``e = (dt/2) (g_new - predicted_gradient)``; None when the method estimates
-            nothing this way.
-        error_norm: an error estimate the proposal already made (a corrected step's correction), else None.
+        finite: False when a stage the method evaluated had a non-finite loss or gradient (the candidate is then
+            rejected without being evaluated).
+        loss: that stage's loss, for the rejection message; None otherwise.
+        cache: what the method keeps for its own error estimate and acceptance (read only by the method).
+        error_order: the order of this proposal's error ratio when it differs from the solver's ``error_order``
+            (e.g. the one-step start of a multistep method); None: the solver's.
     """
 
     delta: Tensor
-    predicted_gradient: Optional[Tensor] = None
-    error_norm: Optional[float] = None
+    finite: bool = True
+    loss: Optional[float] = None
+    cache: Optional[dict] = None
+    error_order: Optional[int] = None
 
 
 class Solver:
-    """Base class of the gradient-flow solvers for ``d theta/dt = -grad L(theta)``.
+    """Base class of the gradient-flow solvers for ``d theta/dt = -grad L(theta)`` (see the module docstring for
+    the contract a method implements).
 
     ``step()`` updates ``params`` **in place** and returns a :class:`StepReport`. Each proposed step is
     evaluated at its candidate point (loss and gradient in one pass over the data; that gradient is the next
     step's, so nothing is computed twice). A proposal is rejected, and retried from the same point with a
-    smaller dt and the same curvature information (no new Hessian-vector products), when the loss there is not
-    finite, when it did not decrease (``monotone=True``), or when the error estimate exceeds ``rtol``.
+    smaller dt, when the loss there is not finite, when it did not decrease (``monotone=True``), or when the
+    error estimate exceeds ``rtol``.
 
     Args:
         params: 1-D floating tensor of the network's parameters, updated in place.
-        loss: a :class:`~exponential_euler_solver.LossFunction` (or anything with ``gradient``, ``hvp``,
-            ``n_params`` and ``check_params``).
-        rtol: admitted relative local error per step (see :mod:`..control`); None disables error control.
+        loss: a :class:`~exponential_euler_solver.LossFunction`.
+        rtol: admitted relative local error per step (see :mod:`.control`); None disables error control.
         monotone: reject steps that do not decrease the loss.
         max_rejections: consecutive rejections after which :class:`StepRejectedError` is raised.
         report_gradient: put the gradient at the start of each step into the report.
         report_eigvecs: put the eigenvectors used into the report.
         error_if_unstable: raise :class:`UnstableStepError` when a step's dt exceeds ``2/|lambda|`` for the
             curvature it was checked against.
-        corrector: take a second-order (Heun-type) step: evaluate the gradient at the plain step's point, and
-            correct the step by the integral of the model's gradient mismatch, assumed to grow linearly over the
-            step (``-(dt/2) r`` for Euler directions; see each solver). Costs one more gradient evaluation per
-            proposal; the size of the correction is the error estimate. Default: on when ``rtol`` is given,
-            off for ``rtol=None`` (the plain step rule).
         check_every: when ``loss`` is data-parallel (its ``data_parallel`` is not None), check every this many
             steps, starting with the first, that all ranks hold bit-identical parameters (one 16-byte
             all-reduce); 0 disables the check.
 
     Raises:
-        TypeError, ValueError: invalid arguments (see each solver).
+        TypeError: ``loss`` is not a LossFunction, or ``params`` not a tensor.
+        ValueError: invalid arguments (see each solver).
     """
 
     order = 1
+    error_order = 1
 
     def __init__(self, params: Tensor, loss, *, rtol: Optional[float] = None, monotone: bool = True,
-                 corrector: Optional[bool] = None, max_rejections: int = MAX_REJECTIONS, report_gradient: bool = False,
-                 report_eigvecs: bool = False, error_if_unstable: bool = False,
-                 check_every: int = DEFAULT_CHECK_EVERY):
+                 max_rejections: int = MAX_REJECTIONS, report_gradient: bool = False, report_eigvecs: bool = False,
+                 error_if_unstable: bool = False, check_every: int = DEFAULT_CHECK_EVERY):
+        check_loss(loss)
         loss.check_params(params)
         if rtol is not None:
             rtol = positive_float("rtol", rtol)
         positive_int("max_rejections", max_rejections)
         self.params = params
         self.loss = loss
-        self.monotone = bool(monotone)
-        self.corrector = (rtol is not None) if corrector is None else bool(corrector)
         self.max_rejections = max_rejections
         self.report_gradient = bool(report_gradient)
         self.report_eigvecs = bool(report_eigvecs)
         self.error_if_unstable = bool(error_if_unstable)
         self.check_every = non_negative_int("check_every", check_every)
-        self.controller = StepSizeController(rtol, order=self.order)
+        self.controller = StepSizeController(rtol, error_order=self.error_order, monotone=bool(monotone))
         self.t = 0.0
         self.n_steps = 0
         self.n_grad = 0
@@ -138,6 +207,7 @@ class Solver:
         self.n_rejected = 0
         self._loss_value: Optional[float] = None
         self._grad: Optional[Tensor] = None
+        self._grad_norm: Optional[float] = None  # float64 norm of the cached gradient
         self._grad_scale = 0.0  # largest gradient norm seen: the scale of the gradients' round-off
         self._loss_scale = 0.0  # largest |loss| seen: the scale of the loss's round-off
 
@@ -146,84 +216,85 @@ class Solver:
         return self.controller.rtol
 
     @property
+    def monotone(self) -> bool:
+        return self.controller.monotone
+
+    @property
     def loss_value(self) -> Optional[float]:
         """The loss at the current parameters, once it has been evaluated (None before the first step)."""
         return self._loss_value
 
-    # -- hooks for subclasses ----------------------------------------------------------------------------------
+    def current_gradient(self) -> Tensor:
+        """The gradient at the current parameters (evaluated now if it is not cached yet, and then reused by the
+        next step; do not modify it).
+
+        Raises:
+            NonFiniteError: the loss or gradient at the current parameters is not finite.
+        """
+        self._ensure_gradient()
+        return self._grad
+
+    # -- hooks for subclasses (see the module docstring) -----------------------------------------------------
     def _prepare(self) -> None:
-        """Gather the curvature the step needs at the current point (may cost HVPs)."""
+        pass
 
-    def _max_dt(self) -> float:
-        """The step-size cap of the plain method at the current point."""
+    def _max_dt(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _propose(self, dt: float) -> Proposal:
+    def _propose(self, dt: float) -> Proposal:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _error_norm(self, dt: float, proposal: Proposal, new_grad: Tensor) -> Optional[float]:
+        return None
+
+    def _on_reject(self) -> None:
+        pass
+
+    def _on_accept(self, dt: float, proposal: Proposal, new_grad: Tensor) -> None:
+        pass
 
     def _stability_curvature(self) -> Optional[float]:
-        """|lambda| that dt is checked against with ``error_if_unstable``; None when not known."""
         return None
 
     def _report_extras(self) -> dict:
         return {}
 
+    def _method_state(self) -> dict:
+        return {}
+
+    def _load_method_state(self, state: dict) -> None:
+        pass
+
     # -- shared machinery --------------------------------------------------------------------------------------
     def _evaluate(self, params: Tensor) -> tuple[float, Tensor]:
+        """Loss and gradient at ``params`` (one pass over the data; counted in ``n_grad``)."""
         loss, g = self.loss.gradient(params)
         self.n_grad += 1
         return float(loss), g
 
-    def _hvp(self, vectors: Tensor) -> Tensor:
-        out = self.loss.hvp(self.params, vectors)
-        self.n_hvp += 1 if vectors.ndim == 1 else vectors.shape[1]
-        return out
-
     def _ensure_gradient(self) -> None:
         if self._grad is None:
             self._loss_value, self._grad = self._evaluate(self.params)
-            self._grad_scale = max(self._grad_scale, float(torch.linalg.vector_norm(self._grad.double())))
+            self._grad_norm = float(torch.linalg.vector_norm(self._grad.double()))
+            self._grad_scale = max(self._grad_scale, self._grad_norm)
             self._loss_scale = max(self._loss_scale, abs(self._loss_value))
         if not (math.isfinite(self._loss_value) and bool(torch.isfinite(self._grad).all())):
             raise NonFiniteError(f"the loss ({self._loss_value}) or gradient at the current parameters is not "
                                  "finite", step=self.n_steps, t=self.t)
 
-    def _warmup_scale(self, warmup_iters: int, warmup_factor: float) -> float:
-        return warmup_factor if self.n_steps < warmup_iters else 1.0
-
-    def _mismatch_weights(self, dt: float, proposal: Proposal, mismatch: Tensor) -> Tensor:
-        """The position correction for a gradient mismatch ``r`` growing linearly over the step:
-        ``-(dt/2) r`` (Euler directions; solvers with exactly integrated directions override this)."""
-        return -(dt / 2) * mismatch
-
     def _gradient_noise(self, like: Tensor) -> float:
-        # Gradients are known only to round-off of the largest gradient seen in the run; a model mismatch below
-        # that is noise, not error (it matters at stationary points of singular problems).
+        """Gradients are known only to round-off of the largest gradient seen in the run; a gradient difference
+        below this is noise, not error (it matters at stationary points of singular problems)."""
         return GRADIENT_NOISE_FACTOR * torch.finfo(like.dtype).eps * self._grad_scale
-
-    def _corrected(self, dt: float, proposal: Proposal, stage_grad: Tensor) -> Proposal:
-        mismatch = stage_grad - proposal.predicted_gradient
-        correction = self._mismatch_weights(dt, proposal, mismatch)
-        size = float(torch.linalg.vector_norm(mismatch.double()))
-        signal = max(0.0, 1.0 - self._gradient_noise(mismatch) / size) if size > 0 else 0.0
-        err = signal * float(torch.linalg.vector_norm(correction.double()))
-        return Proposal(delta=proposal.delta + correction, predicted_gradient=None, error_norm=err)
 
     def _error_ratio(self, dt: float, proposal: Proposal, new_grad: Tensor) -> Optional[float]:
         if self.controller.rtol is None:
             return None
-        if proposal.error_norm is not None:
-            size = float(torch.linalg.vector_norm(proposal.delta.double()))
-            return 0.0 if size == 0 else proposal.error_norm / (self.controller.rtol * size)
-        if proposal.predicted_gradient is None:
+        err = self._error_norm(dt, proposal, new_grad)
+        if err is None:
             return None
-        noise = self._gradient_noise(new_grad)
-        mismatch = float(torch.linalg.vector_norm((new_grad - proposal.predicted_gradient).double()))
-        err = 0.5 * dt * max(0.0, mismatch - noise)
-        size = torch.linalg.vector_norm(proposal.delta.double())
-        if size == 0:
-            return 0.0
-        return float(err / (self.controller.rtol * size))
+        size = float(torch.linalg.vector_norm(proposal.delta.double()))
+        return 0.0 if size == 0 else err / (self.controller.rtol * size)
 
     def _stationary(self, loss0: float, new_loss: float, delta: Tensor) -> bool:
         """True when both the loss change and the first-order predicted decrease ``-g . delta`` are at the
@@ -246,11 +317,12 @@ class Solver:
             UnstableStepError: with ``error_if_unstable``, dt exceeded ``2/|lambda|``.
             RankDivergenceError: data-parallel ranks hold different parameters (checked every ``check_every``).
         """
+        start = time.perf_counter()
         data_parallel = getattr(self.loss, "data_parallel", None)
         if data_parallel is not None and self.check_every and self.n_steps % self.check_every == 0:
             data_parallel.check_replicas_agree(self.params, step=self.n_steps, t=self.t)
         self._ensure_gradient()
-        loss0, g0 = self._loss_value, self._grad
+        loss0, g0, norm0 = self._loss_value, self._grad, self._grad_norm
         self._prepare()
         dt = self.controller.limit(self._max_dt())
         tried: list[float] = []
@@ -261,23 +333,16 @@ class Solver:
                 raise UnstableStepError(f"dt = {dt:.6g} exceeds the stability bound 2/|lambda| = "
                                         f"{2.0 / curvature:.6g}", step=self.n_steps, t=self.t)
             proposal = self._propose(dt)
-            finite = True
-            if self.corrector:
-                stage_loss, stage_grad = self._evaluate(self.params + proposal.delta)
-                finite = math.isfinite(stage_loss) and bool(torch.isfinite(stage_grad).all())
-                if finite:
-                    proposal = self._corrected(dt, proposal, stage_grad)
+            finite, new_loss = proposal.finite, proposal.loss
             if finite:
                 candidate = self.params + proposal.delta
                 new_loss, new_grad = self._evaluate(candidate)
                 finite = math.isfinite(new_loss) and bool(torch.isfinite(new_grad).all())
-            else:
-                new_loss = stage_loss
             stationary = finite and self._stationary(loss0, new_loss, proposal.delta)
+            decreased = finite and (new_loss < loss0 or stationary)
             # At a stationary point to working precision the error estimate is round-off: nothing to control.
             ratio = math.inf if not finite else 0.0 if stationary else self._error_ratio(dt, proposal, new_grad)
-            decreased = finite and (not self.monotone or new_loss < loss0 or stationary)
-            if decreased and self.controller.accepts(ratio):
+            if self.controller.accepts(finite=finite, decreased=decreased, ratio=ratio):
                 break
             tried.append(new_loss)
             rejections += 1
@@ -287,24 +352,25 @@ class Solver:
                     f"{rejections} consecutive proposals were rejected from loss {loss0:.6g} (last dt {dt:.3g}; "
                     f"candidate losses {', '.join(f'{v:.6g}' for v in tried[-5:])})",
                     step=self.n_steps, t=self.t, losses=tried)
-            dt = self.controller.rejected(dt, ratio if finite and decreased else None)
+            dt = self.controller.retry(dt, ratio, finite=finite, decreased=decreased, error_order=proposal.error_order)
             self._on_reject()
             dt = min(dt, self._max_dt())  # a refresh on rejection may have lowered the stability cap
+        self._on_accept(dt, proposal, new_grad)
         with torch.no_grad():
             self.params.copy_(candidate)
-        self.controller.accepted(dt, ratio)
-        self.t += dt
-        report = StepReport(step=self.n_steps, loss=loss0, new_loss=new_loss, dt=dt, t=self.t,
+        self.controller.accepted(dt, ratio, proposal.error_order)
+        t_start, self.t = self.t, self.t + dt
+        self._loss_value, self._grad = new_loss, new_grad
+        self._grad_norm = float(torch.linalg.vector_norm(new_grad.double()))
+        self._grad_scale = max(self._grad_scale, self._grad_norm)
+        report = StepReport(step=self.n_steps, loss=loss0, new_loss=new_loss, dt=dt, t=self.t, t_start=t_start,
+                            slope=-norm0 ** 2, new_slope=-self._grad_norm ** 2,
                             n_grad=self.n_grad, n_hvp=self.n_hvp, n_rejected=self.n_rejected,
                             rejections=rejections, error_ratio=ratio,
                             gradient=g0 if self.report_gradient else None, **self._report_extras())
-        self._loss_value, self._grad = new_loss, new_grad
-        self._grad_scale = max(self._grad_scale, float(torch.linalg.vector_norm(new_grad.double())))
         self.n_steps += 1
+        report.seconds = time.perf_counter() - start
         return report
-
-    def _on_reject(self) -> None:
-        """Called after each rejection, before the retry (the same curvature is reused by default)."""
 
     # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -341,11 +407,6 @@ class Solver:
         self._grad_scale, self._loss_scale = state["grad_scale"], state["loss_scale"]
         g = state["grad"]
         self._grad = None if g is None else g.to(device=self.params.device, dtype=self.params.dtype).clone()
+        self._grad_norm = None if g is None else float(torch.linalg.vector_norm(self._grad.double()))
         self.controller.load_state_dict(state["controller"])
         self._load_method_state(state["method"])
-
-    def _method_state(self) -> dict:
-        return {}
-
-    def _load_method_state(self, state: dict) -> None:
-        pass

@@ -6,20 +6,22 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..control import DEFAULT_RTOL
-from ._validate import positive_float
-from .base import Proposal, Solver
-from .eigen_based import EigenSolverBase
+from .._validate import positive_float
+from .base import Solver
+from .control import DEFAULT_RTOL
+from .exponential_euler import SplitSteps, StiffSplitSolver
 from .tracking import EigenTracker
 
 __all__ = ["GradientDescent", "AdaptiveGradientDescent"]
 
 
-class GradientDescent(Solver):
+class GradientDescent(SplitSteps, Solver):
     """Gradient descent at a fixed step: ``theta <- theta - lr * grad L(theta)``; ``t`` advances by ``lr``.
 
     Plain gradient descent by default (``rtol=None, monotone=False``), e.g. to study the edge of stability.
-    ``params`` is updated in place by ``step()``.
+    With ``rtol`` the step is Heun's (``corrector``, see
+    :class:`~exponential_euler_solver.solvers.exponential_euler.SplitSteps`) and dt is error-controlled, never
+    above ``lr``. ``params`` is updated in place by ``step()``.
 
     Args:
         params: flat parameters (updated in place).
@@ -27,14 +29,16 @@ class GradientDescent(Solver):
         lr: the step size, > 0.
         rtol: with a value, dt is error-controlled (never above ``lr``).
         monotone: reject steps that raise the loss.
+        corrector: Heun's step; default: on when ``rtol`` is given.
         error_if_unstable: compute |lambda_1| at each step and raise when ``lr * |lambda_1| > 2``.
         **kwargs: see :class:`~exponential_euler_solver.solvers.base.Solver`.
     """
 
     def __init__(self, params: Tensor, loss, lr: float, *, rtol: Optional[float] = None, monotone: bool = False,
-                 **kwargs):
+                 corrector: Optional[bool] = None, **kwargs):
         super().__init__(params, loss, rtol=rtol, monotone=monotone, **kwargs)
         self.lr = positive_float("lr", lr)
+        self.corrector = (self.rtol is not None) if corrector is None else bool(corrector)
         self._tracker = EigenTracker(1) if self.error_if_unstable else None
 
     def _prepare(self) -> None:
@@ -47,9 +51,6 @@ class GradientDescent(Solver):
     def _max_dt(self) -> float:
         return self.lr
 
-    def _propose(self, dt: float) -> Proposal:
-        return Proposal(delta=-dt * self._grad, predicted_gradient=self._grad)
-
     def _method_state(self) -> dict:
         return {} if self._tracker is None else {"tracker": self._tracker.state_dict()}
 
@@ -58,14 +59,15 @@ class GradientDescent(Solver):
             self._tracker.load_state_dict(state["tracker"], self.params)
 
 
-class AdaptiveGradientDescent(EigenSolverBase):
+class AdaptiveGradientDescent(StiffSplitSolver):
     """Gradient descent with ``dt = min(s * lr, 1 / |lambda_1|)``.
 
     ``lambda_1`` is the Hessian eigenvalue of largest magnitude at the current point, ``s = warmup_factor``
-    during the first ``warmup_iters`` steps and 1 after. With error control (``rtol``, default
-    :data:`~exponential_euler_solver.control.DEFAULT_RTOL`) dt may be smaller still, and by default
-    (``corrector``) the step is Heun's: ``theta - (dt/2) (g + g*)`` with ``g*`` the gradient at the plain step's
-    point; the correction's norm ``(dt/2) ||g* - g||`` (Euler against Heun) is kept below
+    during the first ``warmup_iters`` steps and 1 after: the ``k = 0`` case of
+    :class:`~exponential_euler_solver.solvers.exponential_euler.StiffSplitSolver`. With error control (``rtol``,
+    default :data:`~exponential_euler_solver.solvers.control.DEFAULT_RTOL`) dt may be smaller still, and by
+    default (``corrector``) the step is Heun's: ``theta - (dt/2) (g + g*)`` with ``g*`` the gradient at the
+    plain step's point; the correction's norm ``(dt/2) ||g* - g||`` (Euler against Heun) is kept below
     ``rtol * ||theta_new - theta||``. ``rtol=None`` gives the plain rule. ``params`` is updated in place.
 
     Args:
@@ -75,15 +77,14 @@ class AdaptiveGradientDescent(EigenSolverBase):
         warmup_iters: number of initial steps with the reduced cap ``warmup_factor * lr``.
         warmup_factor: the factor ``s`` during warmup, > 0.
         rtol: relative local error per step, or None.
-        **kwargs: see :class:`~exponential_euler_solver.solvers.eigen_based.EigenSolverBase` and
-            :class:`~exponential_euler_solver.solvers.base.Solver`.
+        **kwargs: see :class:`~exponential_euler_solver.solvers.exponential_euler.StiffSplitSolver`.
 
     The report's ``sharpness`` is ``|lambda_1|``.
     """
 
     def __init__(self, params: Tensor, loss, lr: float, warmup_iters: int = 0, warmup_factor: float = 1.0, *,
                  rtol: Optional[float] = DEFAULT_RTOL, **kwargs):
-        super().__init__(params, loss, 1, warmup_iters=warmup_iters, warmup_factor=warmup_factor, rtol=rtol,
+        super().__init__(params, loss, 0, warmup_iters=warmup_iters, warmup_factor=warmup_factor, rtol=rtol,
                          **kwargs)
         self.lr = positive_float("lr", lr)
 
@@ -91,14 +92,8 @@ class AdaptiveGradientDescent(EigenSolverBase):
     def sharpness(self) -> Optional[float]:
         return None if self.tracker.values is None else abs(float(self.tracker.values[0]))
 
-    def _stability_curvature(self) -> Optional[float]:
-        return self.sharpness
-
-    def _max_dt(self) -> float:
-        return min(self._scale() * self.lr, 1.0 / self.sharpness)
-
-    def _propose(self, dt: float) -> Proposal:
-        return Proposal(delta=-dt * self._grad, predicted_gradient=self._grad)
+    def _step_limit(self) -> float:
+        return self.lr
 
     def _report_extras(self) -> dict:
         extras = {"sharpness": self.sharpness}

@@ -1,0 +1,84 @@
+"""Dense work on tall blocks and long vectors, accurate without float64 copies.
+
+Long reductions are split into chunks of :data:`CHUNK` entries: within a chunk the products run in the blocks' own
+dtype (a float32 dot product of 16k terms is good to ~1e-7 relative), across chunks they are summed in float64. A
+float32 reduction over all 2.6M entries at once lost ~1e-3 relative on this project's CPU; float64 products cost
+2.5-3x the float32 ones there, and a float64 copy of a 2.6M-entry vector is a pass over 21 MB.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK", "gram", "dot", "norm", "row_norms", "apply", "drop_tol", "whitener", "orthonormalize",
+           "random_columns"]
+
+CHUNK = 1 << 14
+
+
+def gram(A: Tensor, B: Tensor) -> Tensor:
+    """``A^T B`` in float64 for tall ``A`` ``(n, a)``, ``B`` ``(n, b)`` (one vector per column), summed over row
+    chunks."""
+    out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
+    for start in range(0, A.shape[0], CHUNK):
+        out += (A[start:start + CHUNK].T @ B[start:start + CHUNK]).double()
+    return out
+
+
+def dot(a: Tensor, b: Tensor) -> float:
+    """``a . b`` of two 1-D tensors as a Python float, without copies (measured on this project's CPU at 2.6M
+    float32 entries: 3.5e-7 relative to the float64 value, at the cost of one pass)."""
+    return float(torch.dot(a, b))
+
+
+def norm(a: Tensor) -> float:
+    """``||a||`` of a 1-D tensor, accumulated in float64 without a float64 copy."""
+    return float(torch.linalg.vector_norm(a, dtype=torch.float64))
+
+
+def row_norms(A: Tensor) -> Tensor:
+    """Euclidean norms of the rows of ``A`` in float64, summed over column chunks."""
+    sq = torch.zeros(A.shape[0], dtype=torch.float64, device=A.device)
+    for start in range(0, A.shape[1], CHUNK):
+        c = A[:, start:start + CHUNK]
+        sq += (c * c).sum(1).double()
+    return sq.sqrt()
+
+
+def apply(S: Tensor, Y: Tensor) -> Tensor:
+    """``S @ Y`` with a float64 coefficient matrix, in S's dtype."""
+    return S @ Y.to(S.dtype)
+
+
+def drop_tol(dtype: torch.dtype) -> float:
+    """Relative Gram eigenvalue below which a direction counts as dependent."""
+    return 100 * torch.finfo(dtype).eps
+
+
+def whitener(M: Tensor, dtype: torch.dtype) -> Tensor:
+    """``T`` with ``T^T M T = I`` on the numerically independent part of a float64 Gram matrix ``M``."""
+    M = (M + M.T) / 2
+    vals, vecs = torch.linalg.eigh(M)
+    keep = vals > drop_tol(dtype) * vals.max().clamp_min(1e-300)
+    return vecs[:, keep] / vals[keep].sqrt()
+
+
+def orthonormalize(W: Tensor) -> Tensor:
+    """Orthonormalise the columns of ``W``, dropping dependent directions (SVQB, Stathopoulos & Wu 2002);
+    two passes for stability."""
+    for _ in range(2):
+        if W.shape[1] == 0:
+            return W
+        W = apply(W, whitener(gram(W, W), W.dtype))
+    return W
+
+
+def random_columns(n: int, m: int, generator: Optional[torch.Generator], dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """``(n, m)`` standard normal starting vectors, drawn on the generator's device (torch's global RNG when
+    ``generator`` is None) and moved to ``device``."""
+    return torch.randn(n, m, generator=generator, dtype=dtype,
+                       device=generator.device if generator is not None else "cpu").to(device)

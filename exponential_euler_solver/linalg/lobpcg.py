@@ -1,0 +1,150 @@
+"""LOBPCG without preconditioner (Knyazev 2001) on row blocks: the warm-started eigensolver.
+
+Rayleigh-Ritz on the span of the current vectors ``X``, their residuals ``R = AX - X Theta`` and the previous
+search directions ``P``. The basis lives in two row blocks, one vector per row (contiguous): ``S = [X; P; R]`` and
+``AS = A S``, at most ``3b`` rows each. Ritz vectors and search directions are formed in place, column chunk by
+column chunk; of the ``(m, m)`` projections ``S S^T`` and ``S AS^T`` (float64) only the rows of ``P`` and ``R`` are
+multiplied out, since the Ritz block is ``I`` and ``diag(theta)`` by construction. Residual norms come from the
+residual vectors themselves, not from projected matrices (which cancel).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .blocks import CHUNK, row_norms, whitener
+from .select import scaled, select
+
+__all__ = ["LOBPCG", "project", "rotate", "rayleigh_ritz"]
+
+
+def project(S: Tensor, AS: Tensor, m: int, ritz: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(S S^T, S AS^T)`` in float64 over the first ``m`` rows of the row blocks ``S``, ``AS`` (one vector per
+    row), in one pass over column chunks.
+
+    With ``ritz`` (``b`` values), rows ``[:b]`` are the Ritz vectors of the previous Rayleigh-Ritz: their blocks
+    are ``I`` and ``diag(ritz)`` by construction (up to the rounding of the rotation that formed them), so only
+    rows ``[b:m]`` are multiplied and the rest follows by symmetry."""
+    b = 0 if ritz is None else ritz.shape[0]
+    M = torch.zeros(m, m, dtype=torch.float64, device=S.device)
+    K = torch.zeros(m, m, dtype=torch.float64, device=S.device)
+    for start in range(0, S.shape[1], CHUNK):
+        s = S[b:m, start:start + CHUNK]
+        M[b:] += (s @ S[:m, start:start + CHUNK].T).double()
+        K[b:] += (s @ AS[:m, start:start + CHUNK].T).double()
+    if b:
+        M[:b, :b] = torch.eye(b, dtype=torch.float64, device=S.device)
+        K[:b, :b] = torch.diag(ritz)
+        M[:b, b:] = M[b:, :b].T
+        K[:b, b:] = K[b:, :b].T
+    return M, K
+
+
+def rotate(S: Tensor, AS: Tensor, m: int, Y: Tensor, Yp: Optional[Tensor] = None) -> None:
+    """In place, column chunk by column chunk (no second tall block): the Ritz vectors ``X = Y^T S[:m]`` into rows
+    ``[:b]`` and the search directions ``P = Yp^T S[:m]`` into rows ``[b:b + p]`` of ``S``, the same for ``AS``.
+    ``Y`` is ``(m, b)``, ``Yp`` ``(m, p)`` float64 with zero rows ``[:b]`` (directions outside the old ``X``)."""
+    b = Y.shape[1]
+    Yt = Y.T.to(S.dtype)
+    Pt = None if Yp is None else Yp[b:].T.to(S.dtype)
+    for start in range(0, S.shape[1], CHUNK):
+        cols = slice(start, start + CHUNK)
+        for A in (S, AS):
+            x = Yt @ A[:m, cols]
+            if Pt is not None:
+                A[b:b + Pt.shape[0], cols] = Pt @ A[b:m, cols]
+            A[:b, cols] = x
+
+
+def rayleigh_ritz(M: Tensor, K: Tensor, b: int, which: str, dtype: torch.dtype):
+    """Ritz pairs of the pencil ``(K, M) = (S^T A S, S^T S)`` (float64), whitening ``M`` by its eigendecomposition
+    so a nearly dependent basis is handled; returns the ``b`` selected values and coefficient matrix."""
+    T = whitener(M, dtype)
+    C = T.T @ ((K + K.T) / 2) @ T
+    values, Z = torch.linalg.eigh((C + C.T) / 2)
+    idx = select(values, b, which)
+    return values[idx], T @ Z[:, idx]
+
+
+class LOBPCG:
+    """One LOBPCG solve: :meth:`update` (Rayleigh-Ritz, new Ritz vectors and search directions, residuals),
+    :meth:`done`, :meth:`expand` (the residual directions and their images).
+
+    Args:
+        operator: the block operator (``matmat``, ``dtype``).
+        X: ``(n, b)`` orthonormal starting block.
+        k: wanted pairs (the first ``k`` of the ``b`` Ritz pairs must converge).
+        which: see :func:`~exponential_euler_solver.linalg.top_eigenpairs`.
+        tol: relative residual tolerance.
+
+    Attributes:
+        theta, rnorm: the current Ritz values and residual norms (after :meth:`update`).
+        products: operator-vector products made, iterations: expansions made.
+    """
+
+    def __init__(self, operator, X: Tensor, k: int, which: str, tol: float):
+        self.operator, self.k, self.which, self.tol = operator, k, which, tol
+        self.dtype = operator.dtype
+        b, n = X.shape[1], X.shape[0]
+        self.b = b
+        self.S = X.new_empty(3 * b, n)
+        self.AS = X.new_empty(3 * b, n)
+        self.S[:b] = X.T
+        self.AS[:b] = operator.matmat(X).T
+        self.products = b
+        self.iterations = 0
+        self.theta: Optional[Tensor] = None
+        self.rnorm: Optional[Tensor] = None
+        self._n_dirs, self._m = 0, b
+        self._R: Optional[Tensor] = None
+        self._active: Optional[Tensor] = None
+
+    def update(self) -> None:
+        """Rayleigh-Ritz on the basis; Ritz vectors into rows ``[:b]``, search directions after them; residuals."""
+        b, S, AS, dtype = self.b, self.S, self.AS, self.dtype
+        M, K = project(S, AS, self._m, self.theta)
+        self.theta, Y = rayleigh_ritz(M, K, b, self.which, dtype)
+        Yp = None
+        if self.iterations > 0:
+            # LOBPCG's search directions: the part of the new Ritz vectors outside the old ones, whitened.
+            Yp = Y.clone()
+            Yp[:b] = 0
+            Yp = Yp @ whitener(Yp.T @ M @ Yp, dtype)
+            self._n_dirs = Yp.shape[1]
+        rotate(S, AS, self._m, Y, Yp)
+        self._R = torch.addcmul(AS[:b], S[:b], -self.theta.to(dtype)[:, None])
+        self.rnorm = row_norms(self._R)
+        self._active = self.rnorm > self.tol * scaled(self.theta)
+
+    def done(self) -> bool:
+        """Every one of the ``k`` wanted residuals meets the tolerance."""
+        return not bool(self._active[:self.k].any())
+
+    def expand(self) -> None:
+        """Append the normalised residuals of the unconverged pairs and their images to the basis."""
+        self.iterations += 1
+        # Residuals are orthogonal to the Ritz vectors; normalised, they need no further orthogonalisation:
+        # the Rayleigh-Ritz whitens the whole basis with its float64 Gram matrix.
+        idx = self._active.nonzero()[:, 0]
+        lo = self.b + self._n_dirs
+        self._m = lo + idx.numel()
+        self.S[lo:self._m] = self._R[idx] / self.rnorm[idx].to(self.dtype)[:, None]
+        self._R = None
+        self.AS[lo:self._m] = self.operator.matmat(self.S[lo:self._m].T).T
+        self.products += self._m - lo
+
+    def run(self, max_iters: int) -> "LOBPCG":
+        """Iterate until :meth:`done` or ``max_iters`` expansions; returns itself."""
+        while True:
+            self.update()
+            if self.done() or self.iterations >= max_iters:
+                return self
+            self.expand()
+
+    @property
+    def vectors(self) -> Tensor:
+        """The Ritz vectors, one per row (``(b, n)`` view)."""
+        return self.S[:self.b]

@@ -1,0 +1,127 @@
+"""The exponential Adams-Bashforth step (ETD2) with Milne's error estimate: second order at one gradient per step.
+
+With the tracked stiff part ``H_s = V diag(mu) V^T`` (``mu_i = max(lambda_i, 0)``: directions of negative curvature
+are left to the explicit part), the flow ``theta' = -g(theta)`` splits into ``-H_s (theta - theta_n)`` and the rest.
+Cox & Matthews' exponential time differencing of second order (J. Comput. Phys. 176, 2002; Hochbruck & Ostermann,
+Acta Numerica 2010), with variable steps ``h = dt``, ``h_p`` the previous accepted step and ``w = h / h_p``::
+
+    D_n          = (g_n - g_{n-1}) - H_s (theta_n - theta_{n-1})          (the change of the non-stiff gradient)
+    theta_{n+1}  = theta_n - h phi_1(-h H_s) g_n - h w phi_2(-h H_s) D_n
+
+Along untracked directions ``phi_1 = 1`` and ``phi_2 = 1/2``: variable-step AB2, whose real stability interval is
+``h lambda < 1``; the caller caps ``h`` by a fraction of ``1/|lambda_{k+1}|``. Along tracked directions of positive
+curvature the local quadratic is integrated exactly, so a stiff direction costs nothing in step size.
+
+The error is estimated by Milne's device from the gradient at the new point, which the next step needs anyway: the
+exponential trapezoidal corrector ``theta^C = theta_n - h phi_1 g_n - h phi_2 D_{n+1}`` differs from the accepted
+(predictor) point by ``-h phi_2(-h H_s) (D_{n+1} - w D_n)``, and for smooth solutions the predictor's local error
+is ``(2w + 3) / (3w + 3)`` times that difference (5/6 for equal steps: AB2's error constant 5/12 against the
+trapezoid's -1/12). It is third order in ``h``, so the controller's error ratio (relative to the step) grows like
+``h^2``.
+
+Everything along ``V`` is kept in ``k`` coordinates (``V^T g``, ``V^T delta``, ...), so a step reads ``V`` twice
+(``V^T g_new`` and ``V w``) and makes about ten passes over vectors of the parameters' size, with no float64 copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .phi import phi1, phi2
+
+__all__ = ["History", "etd2_weights", "milne_factor"]
+
+
+def milne_factor(w: float) -> float:
+    """``(2w + 3) / (3w + 3)``: the variable-step AB2 local error over the difference between the AB2 point and the
+    trapezoidal corrector, for a step ratio ``w = h / h_prev`` (5/6 at ``w = 1``)."""
+    return (2 * w + 3) / (3 * w + 3)
+
+
+def etd2_weights(mu: Tensor, h: float) -> tuple[Tensor, Tensor]:
+    """``(phi_1(-h mu), phi_2(-h mu))`` in float64 for the tracked curvatures ``mu >= 0``."""
+    z = -h * mu
+    return phi1(z), phi2(z)
+
+
+@dataclass
+class History:
+    """What the step needs from the previous accepted step.
+
+    Attributes:
+        grad: ``g_{n-1}``, the gradient at the previous point.
+        delta: ``theta_n - theta_{n-1}``, the previous step.
+        dt: ``h_p``, its size.
+        grad_norm: ``||g_{n-1}||`` (float64).
+    """
+
+    grad: Tensor
+    delta: Tensor
+    dt: float
+    grad_norm: float
+
+
+class Coordinates:
+    """The ``k`` coordinates along the tracked basis ``V`` of the current and previous gradients and of the previous
+    step (``a = V^T g_n``, ``a_prev = V^T g_{n-1}``, ``e_prev = V^T delta_{n-1}``, float64), for one basis: they are
+    recomputed (one pass over ``V``) after the eigenpairs are refreshed, else carried from step to step."""
+
+    def __init__(self, a: Tensor, a_prev: Tensor, e_prev: Tensor, basis: int):
+        self.a, self.a_prev, self.e_prev, self.basis = a, a_prev, e_prev, basis
+
+    @classmethod
+    def project(cls, V: Tensor, g: Tensor, history: History, basis: int) -> "Coordinates":
+        c = (V.T @ torch.stack([g, history.grad, history.delta], dim=1)).double()
+        return cls(c[:, 0], c[:, 1], c[:, 2], basis)
+
+
+def propose(g: Tensor, history: History, V: Optional[Tensor], mu: Optional[Tensor], coords: Optional[Coordinates],
+            h: float) -> tuple[Tensor, dict]:
+    """The ETD2 step ``delta`` from the current point and what the error estimate needs.
+
+    ``delta = -(h + h w / 2) g + (h w / 2) g_prev + V c`` with, per tracked direction,
+    ``c_i = (h w / 2) mu_i e_i - h (phi_1i - 1) a_i - h w (phi_2i - 1/2) d_i``, where ``a = V^T g``,
+    ``e = V^T delta_prev`` and ``d = V^T D_n = (a - a_prev) - mu e``. Returns ``delta`` and a dict with ``w``,
+    and, with tracked directions, ``f2`` (``phi_2`` weights), ``e`` (``V^T delta``).
+    """
+    w = h / history.dt
+    alpha, beta = -(h + h * w / 2), h * w / 2
+    delta = g * alpha
+    delta.add_(history.grad, alpha=beta)
+    info = {"w": w}
+    if V is not None and V.shape[1] > 0:
+        f1, f2 = etd2_weights(mu, h)
+        d = (coords.a - coords.a_prev) - mu * coords.e_prev
+        c = beta * mu * coords.e_prev - h * (f1 - 1) * coords.a - h * w * (f2 - 0.5) * d
+        delta.addmv_(V, c.to(delta.dtype))
+        info.update(f2=f2, e=alpha * coords.a + beta * coords.a_prev + c)
+    return delta, info
+
+
+def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History, V: Optional[Tensor],
+                mu: Optional[Tensor], coords: Optional[Coordinates]) -> tuple[float, Optional[Tensor]]:
+    """``||phi_2(-h H_s) (D_{n+1} - w D_n)||`` and ``a_new = V^T g_new`` (None without tracked directions).
+
+    With ``r = g_new - (1 + w) g + w g_prev`` (a second difference of gradients) and
+    ``q = mu (w e_prev - e)``, ``E = D_{n+1} - w D_n = r + V q``; ``phi_2`` weighs its coordinates
+    ``V^T E = (a_new - (1 + w) a + w a_prev) + q`` (``1/2`` elsewhere), so
+    ``||phi_2 E||^2 = ||E||^2 / 4 + sum_i (phi_2i^2 - 1/4) (V^T E)_i^2``.
+    """
+    w = info["w"]
+    r = torch.add(g_new, g, alpha=-(1 + w))
+    r.add_(history.grad, alpha=w)
+    if V is None or V.shape[1] == 0:
+        return 0.5 * float(torch.linalg.vector_norm(r, dtype=torch.float64)), None
+    a_new = (V.T @ g_new).double()
+    q = mu * (w * coords.e_prev - info["e"])
+    # E = r + V q is formed, not expanded: along a stiff direction r and V q nearly cancel.
+    r.addmv_(V, q.to(r.dtype))
+    ee = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+    ve = (a_new - (1 + w) * coords.a + w * coords.a_prev) + q
+    weighted = ee / 4 + float(((info["f2"] ** 2 - 0.25) * ve * ve).sum())
+    return math.sqrt(max(weighted, 0.0)), a_new
