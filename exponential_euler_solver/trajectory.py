@@ -23,15 +23,19 @@ from torch import Tensor
 from .errors import CheckpointError
 from .files import FORMAT_VERSION, PathLike, deep_equal, format_problem, torch_load, torch_save
 
-__all__ = ["Trajectory", "TRAJECTORY_FORMAT", "COLUMNS", "hermite_point", "hermite_crossing", "hermite_loss"]
+__all__ = ["Trajectory", "TRAJECTORY_FORMAT", "COLUMNS", "TIMING_COLUMNS", "hermite_point", "hermite_crossing",
+           "hermite_loss"]
 
 TRAJECTORY_FORMAT = "exponential_euler_solver/trajectory"
 
 #: Per-step columns, in the order of :meth:`Trajectory.rows`; each is the StepReport field of the same name
 #: (``eigenvalues`` is its ``eigvals``, as a list).
 COLUMNS = ("step", "t_start", "t", "dt", "loss", "new_loss", "slope", "new_slope", "rejections", "n_grad",
-           "n_hvp", "n_rejected", "error_ratio", "sharpness", "eigenvalues", "eig_age", "seconds")
+           "n_hvp", "n_rejected", "error_ratio", "sharpness", "eigenvalues", "eig_age", "seconds", "time_grad",
+           "time_hvp", "time_eig")
 _INT_COLUMNS = ("step", "rejections", "n_grad", "n_hvp", "n_rejected")
+#: The columns that are wall-clock readings (two runs of the same steps differ in them).
+TIMING_COLUMNS = ("seconds", "time_grad", "time_hvp", "time_eig")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ class Trajectory:
         c["dt"].append(dt)
         c["loss"].append(float(report.loss))
         c["new_loss"].append(float(report.new_loss))
-        for name in ("slope", "new_slope", "error_ratio", "sharpness", "seconds"):
+        for name in ("slope", "new_slope", "error_ratio", "sharpness", "seconds", "time_grad", "time_hvp", "time_eig"):
             value = getattr(report, name, None)
             c[name].append(None if value is None else float(value))
         for name in ("rejections", "n_grad", "n_hvp", "n_rejected"):
@@ -378,6 +382,8 @@ class Trajectory:
             columns.setdefault("t_start", ([t[0] - dt[0]] if t else []) + list(t[:-1]))
             for name in ("slope", "new_slope", "eig_age", "seconds"):
                 columns.setdefault(name, [None] * n)
+        for name in ("time_grad", "time_hvp", "time_eig"):  # not in files written before they were timed
+            columns.setdefault(name, [None] * n)
         if set(columns) != set(COLUMNS):
             raise ValueError(f"trajectory columns must be {list(COLUMNS)}; got {sorted(columns)}")
         if not len(state["params"]) == len(state["param_t"]) == len(state["param_step"]):

@@ -37,6 +37,7 @@ from exponential_euler_solver.benchmark.grid_checkpoint import (
 )
 from exponential_euler_solver.benchmark.suite import check_options
 from exponential_euler_solver.solvers.base import Solver
+from exponential_euler_solver.trajectory import TIMING_COLUMNS
 
 # --compare needs stable-solvers (the compare extra) before any other check of the options
 needs_peer = pytest.mark.skipif(importlib.util.find_spec("stable_solvers") is None,
@@ -75,7 +76,7 @@ def _main(argv):
 
 def _numbers_of(run):
     out = {k: run[k] for k in NUMBERS}
-    out["history"] = [{k: v for k, v in row.items() if k != "seconds"} for row in run["history"]]
+    out["history"] = [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in run["history"]]
     return out
 
 

@@ -34,6 +34,7 @@ from exponential_euler_solver.benchmark.suite import run_peer, run_solver
 from exponential_euler_solver.fidelity import run_with_times
 from exponential_euler_solver.solvers import SOLVERS, GradientDescent
 from exponential_euler_solver.solvers.registry import SolverEntry
+from exponential_euler_solver.trajectory import TIMING_COLUMNS
 
 from tables import table_rows
 
@@ -140,7 +141,7 @@ def small_problem():
 def _numbers(run: RunResult) -> dict:
     return {"steps": run.steps, "n_grad": run.n_grad, "n_hvp": run.n_hvp, "n_rejected": run.n_rejected,
             "t_target": run.t_target, "final_loss": run.final_loss, "converged": run.converged,
-            "history": [{k: v for k, v in row.items() if k != "seconds"} for row in run.history.rows()]}
+            "history": [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in run.history.rows()]}
 
 
 def test_run_with_a_reference_keeps_its_parameters_at_the_reference_times(small_problem):

@@ -22,7 +22,7 @@ import exponential_euler_solver.trajectory as trajectory_module
 from exponential_euler_solver import SaveAt, Stop, integrate
 from exponential_euler_solver.errors import CheckpointError
 from exponential_euler_solver.files import FORMAT_VERSION, deep_equal
-from exponential_euler_solver.trajectory import COLUMNS, hermite_crossing, hermite_loss, hermite_point
+from exponential_euler_solver.trajectory import COLUMNS, TIMING_COLUMNS, hermite_crossing, hermite_loss, hermite_point
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(euler.__file__)))
 
@@ -106,7 +106,7 @@ def assert_same_record(a: euler.Trajectory, b: euler.Trajectory, what: str = "")
     a failure names the first field that differs."""
     sa, sb = a.to_dict(), b.to_dict()
     for state in (sa, sb):
-        state["columns"] = {k: v for k, v in state["columns"].items() if k != "seconds"}
+        state["columns"] = {k: v for k, v in state["columns"].items() if k not in TIMING_COLUMNS}
     if deep_equal(sa, sb):
         return
     for key in sa:

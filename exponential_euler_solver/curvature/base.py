@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._timing import clock
+
 __all__ = ["LinearOperator", "DenseOperator", "LossOperator", "default_chunk_size"]
 
 
@@ -34,6 +36,7 @@ class LinearOperator:
         dtype, device: those of the blocks it multiplies and returns.
         symmetric: whether ``A`` is symmetric (the eigensolvers require it).
         n_products: operator-vector products made so far.
+        seconds: wall-clock seconds spent in those products.
     """
 
     symmetric: bool = True
@@ -43,6 +46,7 @@ class LinearOperator:
         self.dtype = dtype
         self.device = torch.device(device)
         self.n_products = 0
+        self.seconds = 0.0
 
     def _matmat(self, X: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -59,7 +63,9 @@ class LinearOperator:
         block = X.unsqueeze(1) if single else X
         if block.shape[1] == 0:
             return block.clone()
+        start = clock(self.device)
         out = self._matmat(block)
+        self.seconds += clock(self.device) - start
         self.n_products += block.shape[1]
         return out[:, 0] if single else out
 

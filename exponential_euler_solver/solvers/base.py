@@ -56,6 +56,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._timing import clock
 from .._validate import non_negative_int, positive_float, positive_int
 from ..errors import NonFiniteError, StepRejectedError, UnstableStepError
 from .control import DEFAULT_RTOL, StepSizeController
@@ -66,6 +67,11 @@ MAX_REJECTIONS = 30  # consecutive rejections before a step gives up (dt has the
 GRADIENT_NOISE_FACTOR = 16  # gradient differences below this many ulps of the largest gradient norm are noise
 ROUNDOFF_FACTOR = 64  # loss changes below this many ulps of the loss count as "no change" (a stationary point)
 DEFAULT_CHECK_EVERY = 100  # steps between data-parallel checks that all ranks hold the same parameters
+
+
+def _norm(x: Tensor) -> float:
+    """``||x||`` accumulated in float64 without a float64 copy."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
 def check_loss(loss) -> None:
@@ -108,6 +114,8 @@ class StepReport:
         eig_age: accepted steps since the eigenpairs used were computed (0: computed for this step), for the
             solvers that track eigenpairs.
         seconds: wall-clock seconds the step took (``time.perf_counter``, from entering ``step()`` to its return).
+        time_grad, time_hvp, time_eig: cumulative wall-clock seconds so far in gradient evaluations, in curvature
+            operator products, and in the eigensolver's own block work (its refreshes less their products).
     """
 
     step: int
@@ -129,6 +137,9 @@ class StepReport:
     slope: Optional[float] = None
     new_slope: Optional[float] = None
     seconds: Optional[float] = None
+    time_grad: Optional[float] = None
+    time_hvp: Optional[float] = None
+    time_eig: Optional[float] = None
 
 
 @dataclass
@@ -205,6 +216,7 @@ class Solver:
         self.n_grad = 0
         self.n_hvp = 0
         self.n_rejected = 0
+        self.time_grad = 0.0
         self._loss_value: Optional[float] = None
         self._grad: Optional[Tensor] = None
         self._grad_norm: Optional[float] = None  # float64 norm of the cached gradient
@@ -265,20 +277,28 @@ class Solver:
     def _load_method_state(self, state: dict) -> None:
         pass
 
+    def _curvature_seconds(self) -> tuple[float, float]:
+        """Seconds so far in curvature products and in the eigensolver's own work (0, 0 without curvature)."""
+        return 0.0, 0.0
+
     # -- shared machinery --------------------------------------------------------------------------------------
     def _evaluate(self, params: Tensor) -> tuple[float, Tensor]:
         """Loss and gradient at ``params`` (one pass over the data; counted in ``n_grad``)."""
+        start = clock(params.device)
         loss, g = self.loss.gradient(params)
+        value = float(loss)
+        self.time_grad += clock(params.device) - start
         self.n_grad += 1
-        return float(loss), g
+        return value, g
 
     def _ensure_gradient(self) -> None:
         if self._grad is None:
             self._loss_value, self._grad = self._evaluate(self.params)
-            self._grad_norm = float(torch.linalg.vector_norm(self._grad.double()))
+            self._grad_norm = _norm(self._grad)
             self._grad_scale = max(self._grad_scale, self._grad_norm)
             self._loss_scale = max(self._loss_scale, abs(self._loss_value))
-        if not (math.isfinite(self._loss_value) and bool(torch.isfinite(self._grad).all())):
+        # A NaN or infinite entry makes the norm NaN or infinite: no separate scan of the gradient.
+        if not (math.isfinite(self._loss_value) and math.isfinite(self._grad_norm)):
             raise NonFiniteError(f"the loss ({self._loss_value}) or gradient at the current parameters is not "
                                  "finite", step=self.n_steps, t=self.t)
 
@@ -293,7 +313,7 @@ class Solver:
         err = self._error_norm(dt, proposal, new_grad)
         if err is None:
             return None
-        size = float(torch.linalg.vector_norm(proposal.delta.double()))
+        size = _norm(proposal.delta)
         return 0.0 if size == 0 else err / (self.controller.rtol * size)
 
     def _stationary(self, loss0: float, new_loss: float, delta: Tensor) -> bool:
@@ -302,8 +322,9 @@ class Solver:
         cannot be asked for."""
         # The loss is known to round-off of the largest loss seen in the run (its terms cancel near a minimum).
         tiny = ROUNDOFF_FACTOR * torch.finfo(self.params.dtype).eps * max(self._loss_scale, abs(new_loss))
-        predicted = -float(torch.dot(self._grad.double(), delta.double()))
-        return abs(new_loss - loss0) <= tiny and abs(predicted) <= tiny
+        if abs(new_loss - loss0) > tiny:
+            return False
+        return abs(float(torch.dot(self._grad, delta))) <= tiny
 
     def step(self) -> StepReport:
         """Advance the flow by one accepted step; updates ``params`` in place.
@@ -337,7 +358,8 @@ class Solver:
             if finite:
                 candidate = self.params + proposal.delta
                 new_loss, new_grad = self._evaluate(candidate)
-                finite = math.isfinite(new_loss) and bool(torch.isfinite(new_grad).all())
+                new_norm = _norm(new_grad)
+                finite = math.isfinite(new_loss) and math.isfinite(new_norm)
             stationary = finite and self._stationary(loss0, new_loss, proposal.delta)
             decreased = finite and (new_loss < loss0 or stationary)
             # At a stationary point to working precision the error estimate is round-off: nothing to control.
@@ -360,14 +382,15 @@ class Solver:
             self.params.copy_(candidate)
         self.controller.accepted(dt, ratio, proposal.error_order)
         t_start, self.t = self.t, self.t + dt
-        self._loss_value, self._grad = new_loss, new_grad
-        self._grad_norm = float(torch.linalg.vector_norm(new_grad.double()))
+        self._loss_value, self._grad, self._grad_norm = new_loss, new_grad, new_norm
         self._grad_scale = max(self._grad_scale, self._grad_norm)
         report = StepReport(step=self.n_steps, loss=loss0, new_loss=new_loss, dt=dt, t=self.t, t_start=t_start,
                             slope=-norm0 ** 2, new_slope=-self._grad_norm ** 2,
                             n_grad=self.n_grad, n_hvp=self.n_hvp, n_rejected=self.n_rejected,
                             rejections=rejections, error_ratio=ratio,
                             gradient=g0 if self.report_gradient else None, **self._report_extras())
+        report.time_grad = self.time_grad
+        report.time_hvp, report.time_eig = self._curvature_seconds()
         self.n_steps += 1
         report.seconds = time.perf_counter() - start
         return report
@@ -383,7 +406,7 @@ class Solver:
             "n_rejected": self.n_rejected,
             "loss_value": self._loss_value,
             "grad": None if self._grad is None else self._grad.clone(),
-            "grad_scale": self._grad_scale, "loss_scale": self._loss_scale,
+            "grad_scale": self._grad_scale, "loss_scale": self._loss_scale, "time_grad": self.time_grad,
             "controller": self.controller.state_dict(),
             "method": self._method_state(),
         }
@@ -405,8 +428,9 @@ class Solver:
         self.n_grad, self.n_hvp, self.n_rejected = state["n_grad"], state["n_hvp"], state["n_rejected"]
         self._loss_value = state["loss_value"]
         self._grad_scale, self._loss_scale = state["grad_scale"], state["loss_scale"]
+        self.time_grad = float(state.get("time_grad", 0.0))
         g = state["grad"]
         self._grad = None if g is None else g.to(device=self.params.device, dtype=self.params.dtype).clone()
-        self._grad_norm = None if g is None else float(torch.linalg.vector_norm(self._grad.double()))
+        self._grad_norm = None if g is None else _norm(self._grad)
         self.controller.load_state_dict(state["controller"])
         self._load_method_state(state["method"])

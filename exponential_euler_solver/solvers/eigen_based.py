@@ -66,6 +66,9 @@ class EigenSolverBase(Solver):
         """The current eigenvalue estimates (float64), ordered by decreasing magnitude."""
         return self.tracker.values
 
+    def _curvature_seconds(self) -> tuple[float, float]:
+        return self.tracker.product_seconds, self.tracker.seconds - self.tracker.product_seconds
+
     def _scale(self) -> float:
         """The warmup factor of the current step: ``warmup_factor`` during the first ``warmup_iters`` steps."""
         return self.warmup_factor if self.n_steps < self.warmup_iters else 1.0

@@ -48,6 +48,11 @@ class GradientDescent(SplitSteps, Solver):
     def _stability_curvature(self) -> Optional[float]:
         return None if self._tracker is None else abs(float(self._tracker.values[0]))
 
+    def _curvature_seconds(self) -> tuple[float, float]:
+        if self._tracker is None:
+            return 0.0, 0.0
+        return self._tracker.product_seconds, self._tracker.seconds - self._tracker.product_seconds
+
     def _max_dt(self) -> float:
         return self.lr
 

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._timing import clock
 from ..curvature import HessianOperator, operator_class
 from ..linalg import top_eigenpairs
 
@@ -35,6 +36,8 @@ class EigenTracker:
         vectors: ``(P, n_pairs)`` eigenvectors in the parameters' dtype.
         age: accepted steps since the last refresh (the solver advances it).
         n_refreshes: refreshes so far (identifies the current basis).
+        product_seconds, seconds: wall-clock seconds of the refreshes' operator products, and of the refreshes in
+            all (the difference is the eigensolver's own block work).
     """
 
     def __init__(self, n_pairs: int, tol: float = DEFAULT_EIG_TOL, max_iters: int = DEFAULT_EIG_MAX_ITERS,
@@ -48,13 +51,19 @@ class EigenTracker:
         self.vectors: Optional[Tensor] = None
         self.age = 0
         self.n_refreshes = 0
+        self.product_seconds = 0.0
+        self.seconds = 0.0
 
     def refresh(self, loss, params: Tensor) -> int:
         """Recompute the eigenpairs at ``params``; returns the number of operator-vector products used."""
         cold = self.vectors is None
-        result = top_eigenpairs(self.operator(loss, params), self.n_pairs, which="LM", init=self.vectors,
+        start = clock(params.device)
+        operator = self.operator(loss, params)
+        result = top_eigenpairs(operator, self.n_pairs, which="LM", init=self.vectors,
                                 tol=self.tol, max_iters=COLD_MAX_ITERS if cold else self.max_iters,
                                 generator=self.generator)
+        self.seconds += clock(params.device) - start
+        self.product_seconds += getattr(operator, "seconds", 0.0)
         self.values, self.vectors = result.eigenvalues, result.eigenvectors
         self.age = 0
         self.n_refreshes += 1
@@ -62,6 +71,7 @@ class EigenTracker:
 
     def state_dict(self) -> dict:
         return {"values": self.values, "vectors": self.vectors, "age": self.age, "n_refreshes": self.n_refreshes,
+                "product_seconds": self.product_seconds, "seconds": self.seconds,
                 "generator": self.generator.get_state(), "tol": self.tol, "max_iters": self.max_iters}
 
     def load_state_dict(self, state: dict, like: Tensor) -> None:
@@ -71,5 +81,6 @@ class EigenTracker:
         self.vectors = None if v is None else v.to(device=like.device, dtype=like.dtype)
         self.age = state["age"]
         self.n_refreshes = state.get("n_refreshes", 0)
+        self.product_seconds, self.seconds = state.get("product_seconds", 0.0), state.get("seconds", 0.0)
         self.generator.set_state(state["generator"])
         self.tol, self.max_iters = state["tol"], state["max_iters"]
