@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .blocks import gram, orthonormalize, random_columns, whitener
+from .blocks import gram, orthonormalize, random_columns, row_norms, whitener
 from .select import scaled, select
 
 __all__ = ["KRYLOV_WIDTH", "KrylovResult", "block_krylov"]
@@ -18,6 +18,10 @@ __all__ = ["KRYLOV_WIDTH", "KrylovResult", "block_krylov"]
 # Hessian at initialisation (n_train 64, 4 classes; Ritz residuals after 32-36 products): 2 vectors at a time
 # beat 3, 4 and 6.
 KRYLOV_WIDTH = 2
+# After its three-term part is removed, a new block is orthogonalised against the whole basis once, and a second
+# time only when that pass removed most of a vector: its norm fell below this fraction of what it was (the
+# criterion of Daniel, Gragg, Kaufman and Stewart 1976, with Kahan's 1/sqrt(2)).
+REORTHOGONALIZE_BELOW = 2 ** -0.5
 
 
 @dataclass
@@ -48,8 +52,8 @@ def block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, bud
     ``b`` vectors in the basis) or ``budget`` products are spent. A full basis restarts from its ``b`` best Ritz
     vectors.
 
-    Each new block is orthogonalised against the whole basis twice (classical Gram-Schmidt, float64
-    coefficients), so ``A V^T = V^T T + W^T E`` holds with ``T = V A V^T`` (float64, filled as the blocks come)
+    Each new block is orthogonalised against the blocks it couples to, then against the whole basis (classical
+    Gram-Schmidt, float64 coefficients; a second full pass only when needed, see :data:`REORTHOGONALIZE_BELOW`), so ``A V^T = V^T T + W^T E`` holds with ``T = V A V^T`` (float64, filled as the blocks come)
     and ``W`` the orthogonalised image of the last block ``E``. The Ritz vectors' residuals follow from it without
     further products: ``A x - theta x = W^T z_E``, so ``||A x - theta x||^2 = z_E^T (W W^T) z_E``.
     It also holds after a restart, with ``T = [[diag(theta), s^T], [s, ...]]``. When ``W`` loses a direction
@@ -64,17 +68,27 @@ def block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, bud
     V[:hi] = Q.T
     del rand, Q
     products = restarts = 0
+    near = 0  # first row of the blocks the new one couples to in exact arithmetic (the last two; after a restart,
+    #           the Ritz block too)
     while True:
         W = operator.matmat(V[lo:hi].T).T.contiguous()
         products += hi - lo
-        C = gram(V[:hi].T, W.T)
-        W -= C.T.to(dtype) @ V[:hi]
-        C2 = gram(V[:hi].T, W.T)  # a second pass removes what rounding left of the first
-        W -= C2.T.to(dtype) @ V[:hi]
-        C += C2
+        # The three-term part first, on the few rows the image really lies along, then one pass over the whole
+        # basis for what rounding spread elsewhere, and a second only when that pass removed most of a vector.
+        C = torch.zeros(hi, W.shape[0], dtype=torch.float64, device=device)
+        C[near:hi] = gram(V[near:hi].T, W.T)
+        W -= C[near:hi].T.to(dtype) @ V[near:hi]
+        before = row_norms(W)
+        for _ in range(2):
+            C_pass = gram(V[:hi].T, W.T)
+            W -= C_pass.T.to(dtype) @ V[:hi]
+            C += C_pass
+            G = gram(W.T, W.T)
+            if not bool((G.diagonal().clamp_min(0).sqrt() < REORTHOGONALIZE_BELOW * before).any()):
+                break
+            before = G.diagonal().clamp_min(0).sqrt()
         T[:hi, lo:hi] = C
         T[lo:hi, :hi] = C.T
-        G = gram(W.T, W.T)
         values, Z = torch.linalg.eigh((T[:hi, :hi] + T[:hi, :hi].T) / 2)
         idx = select(values, b, which)
         theta, Z = values[idx], Z[:, idx]
@@ -94,7 +108,8 @@ def block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, bud
             T[:b, b:b + grow] = coupling.T
             hi = b
             restarts += 1
+            lo = 0
         V[hi:hi + grow] = whiten.T.to(dtype) @ W
-        lo, hi = hi, hi + grow
+        near, lo, hi = lo, hi, hi + grow
     return KrylovResult(theta=theta, X=Z.T.to(dtype) @ V[:hi], rnorm=rnorm, products=products, restarts=restarts,
                         converged=converged)
