@@ -144,8 +144,12 @@ def test_float32_operator_larger_than_a_chunk():
     assert bool((overlap >= 1 - 1e-5).all()), f"|<H e_i, v_i>| = {overlap.tolist()}"
     res = torch.linalg.norm(exact.matmat(V) - V * result.eigenvalues, dim=0)
     assert bool((res <= 1e-3 * result.eigenvalues.abs()).all()), f"residuals {res.tolist()}"
-    assert bool(((result.residual_norms - res).abs() <= 1e-2 * res + 1e-5).all()), \
-        f"reported residuals {result.residual_norms.tolist()} vs recomputed {res.tolist()}"
+    # Reported residuals match the recomputed ones, except below what a float32 vector can represent (about
+    # eps * |lambda| * sqrt(n)), where a cold start's Krylov-relation residual is smaller than the stored vector's.
+    floor = torch.finfo(torch.float32).eps * result.eigenvalues.abs() * n ** 0.5
+    agree = (result.residual_norms - res).abs() <= 1e-2 * res + 1e-5
+    assert bool((agree | ((res <= floor) & (result.residual_norms <= floor))).all()), \
+        f"reported residuals {result.residual_norms.tolist()} vs recomputed {res.tolist()} (floor {floor.tolist()})"
 
 
 @pytest.mark.parametrize("krylov_dim", [0, None], ids=["lobpcg", "krylov"])

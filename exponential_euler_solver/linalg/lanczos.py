@@ -13,11 +13,13 @@ from .select import scaled, select
 
 __all__ = ["KRYLOV_WIDTH", "KrylovResult", "block_krylov"]
 
-# Vectors added to a cold start's Krylov basis per step: a block of two still finds a pair of (nearly) equal
-# eigenvalues, which a single vector's Krylov space reaches only through rounding. Measured on the benchmark's
-# Hessian at initialisation (n_train 64, 4 classes; Ritz residuals after 32-36 products): 2 vectors at a time
-# beat 3, 4 and 6.
-KRYLOV_WIDTH = 2
+# Vectors added to a cold start's Krylov basis per step. One vector (plain Lanczos with full reorthogonalisation)
+# reaches twice the Krylov degree of a block of two for the same products: measured on the benchmark's Hessians at
+# initialisation (digits, tol 1e-2, same eigenvalues found), 6 / 23 / 38 / 35 products at 64x2 / 64x4 / 64x10 /
+# 256x10 against 16 / 34 / 50 / 56 with two (which beat 3, 4 and 6). A single vector finds only one copy of an
+# exactly repeated eigenvalue; the top of a network Hessian at a random point has none, and pairs of nearly equal
+# magnitude and opposite sign (-414.6 and 413.9 at 64x4) are found.
+KRYLOV_WIDTH = 1
 # After its three-term part is removed, a new block is orthogonalised against the whole basis once, and a second
 # time only when that pass removed most of a vector: its norm fell below this fraction of what it was (the
 # criterion of Daniel, Gragg, Kaufman and Stewart 1976, with Kahan's 1/sqrt(2)).
@@ -46,21 +48,23 @@ class KrylovResult:
 
 
 def block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, budget: int,
-                 generator: Optional[torch.Generator]) -> KrylovResult:
-    """Thick-restarted block Lanczos (Wu & Simon 2000) from ``KRYLOV_WIDTH`` random vectors: Rayleigh-Ritz on a
+                 generator: Optional[torch.Generator], start: Optional[Tensor] = None) -> KrylovResult:
+    """Thick-restarted block Lanczos (Wu & Simon 2000) from ``KRYLOV_WIDTH`` random vectors (or ``start``, an
+    ``(n, w)`` block): Rayleigh-Ritz on a
     Krylov basis of at most ``dim`` vectors, grown until its ``k`` wanted Ritz pairs meet ``tol`` (with at least
     ``b`` vectors in the basis) or ``budget`` products are spent. A full basis restarts from its ``b`` best Ritz
     vectors.
 
     Each new block is orthogonalised against the blocks it couples to, then against the whole basis (classical
-    Gram-Schmidt, float64 coefficients; a second full pass only when needed, see :data:`REORTHOGONALIZE_BELOW`), so ``A V^T = V^T T + W^T E`` holds with ``T = V A V^T`` (float64, filled as the blocks come)
-    and ``W`` the orthogonalised image of the last block ``E``. The Ritz vectors' residuals follow from it without
-    further products: ``A x - theta x = W^T z_E``, so ``||A x - theta x||^2 = z_E^T (W W^T) z_E``.
+    Gram-Schmidt, float64 coefficients; a second full pass only when needed, see :data:`REORTHOGONALIZE_BELOW`),
+    so ``A V^T = V^T T + W^T E`` holds with ``T = V A V^T`` (float64, filled as the blocks come) and ``W`` the
+    orthogonalised image of the last block ``E``. The Ritz vectors' residuals follow from it without further
+    products: ``A x - theta x = W^T z_E``, so ``||A x - theta x||^2 = z_E^T (W W^T) z_E``.
     It also holds after a restart, with ``T = [[diag(theta), s^T], [s, ...]]``. When ``W`` loses a direction
     (dependent on the basis) the relation would not survive the next block, so the search stops there:
     ``converged`` says whether the pairs are good, and the caller goes on with LOBPCG otherwise."""
     n, dtype, device = operator.shape[0], operator.dtype, operator.device
-    rand = random_columns(n, KRYLOV_WIDTH, generator, dtype, device)
+    rand = random_columns(n, KRYLOV_WIDTH, generator, dtype, device) if start is None else start.to(dtype)
     Q = orthonormalize(rand)
     V = Q.new_empty(dim, n)
     T = torch.zeros(dim, dim, dtype=torch.float64, device=device)

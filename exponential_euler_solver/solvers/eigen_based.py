@@ -57,6 +57,8 @@ class EigenSolverBase(Solver):
             max_eig_age = 1 if self.rtol is None else self._default_max_eig_age()
         self.max_eig_age = positive_int("max_eig_age", max_eig_age)
         self._stale = False  # set by a method that sees evidence of stale eigenpairs: refresh before the next step
+        self.refresh_loss_factor: Optional[float] = None  # refresh once the loss fell by this factor (experimental)
+        self._refresh_loss: Optional[float] = None  # the loss at the last refresh
         self.tracker = EigenTracker(n_pairs, tol=positive_float("eig_tol", eig_tol),
                                     max_iters=non_negative_int("eig_max_iters", eig_max_iters), seed=seed,
                                     curvature=curvature)
@@ -79,9 +81,12 @@ class EigenSolverBase(Solver):
     def _refresh(self) -> None:
         self.n_hvp += self.tracker.refresh(self.loss, self.params)
         self._stale = False
+        self._refresh_loss = self._loss_value
 
     def _prepare(self) -> None:
-        if self.tracker.vectors is None or self.tracker.age >= self.max_eig_age or self._stale:
+        fell = (self.refresh_loss_factor is not None and self._refresh_loss is not None
+                and self._loss_value * self.refresh_loss_factor <= self._refresh_loss)
+        if self.tracker.vectors is None or self.tracker.age >= self.max_eig_age or self._stale or fell:
             self._refresh()
 
     def _on_reject(self) -> None:
