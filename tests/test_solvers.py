@@ -188,20 +188,26 @@ def test_rejection_happens_and_recovers():
     assert reports[0].dt < 0.02 + 1e-12
 
 
-def test_error_control_shrinks_the_step_without_new_hvps(mlp_problem):
+@pytest.mark.parametrize("scheme, grads_per_proposal", [("heun", 2), ("multistep", 1)])
+def test_error_control_shrinks_the_step_without_new_hvps(mlp_problem, scheme, grads_per_proposal):
     loss, params = mlp_problem
-    solver = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 1, rtol=1e-4)
+    solver = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 1, rtol=1e-4, scheme=scheme)
     r = solver.step()
     assert r.error_ratio <= 1
-    # The first step must have been rejected at least once (the plain rule takes dt = 1/|lambda_2|).
-    assert r.rejections >= 1
+    # Under heun the first step must have been rejected at least once (it tries dt = 1/|lambda_2|); the multistep
+    # scheme's first step starts from its a priori bound SAFETY * rtol / |lambda_2| instead.
+    if scheme == "heun":
+        assert r.rejections >= 1
+    else:
+        assert r.dt <= 0.9 * 1e-4 / abs(float(r.eigvals[-1])) * (1 + 1e-12), (r.dt, r.eigvals)
     plain = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 1, rtol=None)
     rp = plain.step()
     assert r.dt < rp.dt
     # Retries reuse the eigenpairs: the HVP count equals the one of the plain solver's single proposal.
     assert r.n_hvp == rp.n_hvp
-    # One evaluation at the start, then two per proposal (the corrector's stage and the candidate).
-    assert solver.corrector and r.n_grad == 1 + 2 * (1 + r.rejections)
+    # One evaluation at the start, then two per proposal with heun (the corrector's stage and the candidate), one
+    # with the multistep scheme (the candidate: its first step is a one-step start with a first-order estimate).
+    assert r.n_grad == 1 + grads_per_proposal * (1 + r.rejections)
 
 
 def test_a_refresh_after_a_rejection_caps_the_retry():
@@ -234,9 +240,9 @@ def test_a_refresh_after_a_rejection_caps_the_retry():
 
 
 @pytest.mark.parametrize("make,age", [
-    (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2), 20),
-    (lambda p, loss: euler.AdaptiveGradientDescent(p, loss, 0.05), 10),
-    (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2, max_eig_age=3), 3),
+    (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2, scheme="heun"), 20),
+    (lambda p, loss: euler.AdaptiveGradientDescent(p, loss, 0.05, scheme="heun"), 10),
+    (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2, max_eig_age=3, scheme="heun"), 3),
     (lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.05, 2, rtol=None), 1),
 ])
 def test_eigenpairs_are_refreshed_on_schedule(mlp_problem, make, age):
@@ -371,8 +377,8 @@ def test_state_dict_roundtrip_continues_identically(mlp_problem):
 # -- the corrector: second order ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda p, loss, h: euler.GradientDescent(p, loss, h, corrector=True),
-    lambda p, loss, h: euler.ExponentialEulerSolver(p, loss, h, 1, rtol=None, corrector=True, eig_tol=1e-12,
-                                                    eig_max_iters=300),
+    lambda p, loss, h: euler.ExponentialEulerSolver(p, loss, h, 1, rtol=None, scheme="heun", corrector=True,
+                                                    eig_tol=1e-12, eig_max_iters=300),
 ], ids=["heun", "exponential-heun"])
 def test_corrector_has_order_two(make):
     # The first direction is stiff (exactly integrated by the exponential solver); the others are not.

@@ -261,12 +261,12 @@ def test_trajectory_and_integrate_validate(problem):
 def test_saved_trajectory_reloads_equal(problem, tmp_path):
     loss, theta = problem
     solver = euler.ExponentialEulerSolver(theta.clone(), loss, 1.0, 2)
-    traj = integrate(solver, Stop(steps=4), SaveAt(every_n=2, ts=[0.3, 100.0]))
+    traj = integrate(solver, Stop(time=0.35), SaveAt(every_n=2, ts=[0.3, 100.0]))
     path = tmp_path / "trajectory.pt"
     traj.save(path)
     loaded = euler.Trajectory.load(path)
     assert loaded == traj and loaded is not traj
-    assert loaded.pending_times == [100.0] and loaded.every_n == 2 and loaded.stop_reason == "max_steps"
+    assert loaded.pending_times == [100.0] and loaded.every_n == 2 and loaded.stop_reason == "time"
     assert torch.equal(loaded.eigenvalues, traj.eigenvalues) and torch.equal(loaded.t, traj.t)
     assert all(torch.equal(a, b) for a, b in zip(loaded.params, traj.params))
     assert euler.Trajectory.from_dict(traj.to_dict()) == traj
@@ -312,7 +312,7 @@ def _v1_solver_state(state: dict) -> dict:
 
 def test_a_version_1_trajectory_file_still_loads(problem, tmp_path):
     loss, theta = problem
-    solver = euler.ExponentialEulerSolver(theta.clone(), loss, 1.0, 2)
+    solver = euler.ExponentialEulerSolver(theta.clone(), loss, 1.0, 2, scheme="heun")  # version 1 ran heun
     traj = integrate(solver, Stop(steps=4), SaveAt(every_n=2, ts=[0.3, 100.0]))
     path = tmp_path / "v1.pt"
     torch.save(_v1_trajectory(traj), path)
@@ -363,7 +363,9 @@ def test_a_version_1_trajectory_that_started_late_keeps_its_first_step_start(pro
 
 def test_a_version_1_checkpoint_still_resumes(problem, tmp_path):
     loss, theta = problem
-    make = SOLVERS["exponential-euler"]
+    # Version 1 ran the heun scheme (the only one then): its checkpoints continue in a heun solver, and a solver of
+    # another scheme refuses them by name.
+    make = lambda p, loss, seed=0: euler.ExponentialEulerSolver(p, loss, 1.0, 2, seed=seed, scheme="heun")  # noqa: E731
     a = make(theta.clone(), loss)
     traj = integrate(a, Stop(steps=3), SaveAt(every_n=2))
     path = tmp_path / "v1_checkpoint.pt"
@@ -373,6 +375,8 @@ def test_a_version_1_checkpoint_still_resumes(problem, tmp_path):
     state = euler.load_checkpoint(path)
     assert state["format_version"] == 1 and state["extra"] == {"note": "v1"}
 
+    with pytest.raises(CheckpointError, match="scheme='heun'"):
+        euler.resume(path, SOLVERS["exponential-euler"](0.5 * theta.clone(), loss), euler.Trajectory())
     b = make(0.5 * theta.clone(), loss, seed=7)
     traj_b = euler.Trajectory()
     euler.resume(path, b, traj_b)

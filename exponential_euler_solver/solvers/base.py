@@ -36,6 +36,9 @@ and may override:
     checkpoint continues the run bit for bit.
 ``_stability_curvature() -> float | None``
     The ``|lambda|`` that ``error_if_unstable`` checks ``dt`` against.
+``_first_dt() -> float | None``
+    A bound on the very first step (before the controller has a proposal), e.g. from the method's a priori error;
+    None: only ``_max_dt()``.
 
 Class attributes: ``order`` (convergence order of the accepted solution) and ``error_order`` (the power of dt by
 which the error *ratio* grows: the order of the error estimate minus one; the controller's exponent).
@@ -268,6 +271,9 @@ class Solver:
     def _stability_curvature(self) -> Optional[float]:
         return None
 
+    def _first_dt(self) -> Optional[float]:
+        return None
+
     def _report_extras(self) -> dict:
         return {}
 
@@ -346,6 +352,9 @@ class Solver:
         loss0, g0, norm0 = self._loss_value, self._grad, self._grad_norm
         self._prepare()
         dt = self.controller.limit(self._max_dt())
+        first = self._first_dt() if self.controller.dt is None else None
+        if first is not None:
+            dt = min(dt, first)
         tried: list[float] = []
         rejections = 0
         while True:

@@ -83,10 +83,15 @@ class EigenSolverBase(Solver):
         self._stale = False
         self._refresh_loss = self._loss_value
 
-    def _prepare(self) -> None:
+    def _refresh_due(self) -> bool:
+        """Whether the eigenpairs are to be refreshed before this step: none yet, ``max_eig_age`` steps old, or
+        marked stale by the method."""
         fell = (self.refresh_loss_factor is not None and self._refresh_loss is not None
                 and self._loss_value * self.refresh_loss_factor <= self._refresh_loss)
-        if self.tracker.vectors is None or self.tracker.age >= self.max_eig_age or self._stale or fell:
+        return self.tracker.vectors is None or self.tracker.age >= self.max_eig_age or self._stale or fell
+
+    def _prepare(self) -> None:
+        if self._refresh_due():
             self._refresh()
 
     def _on_reject(self) -> None:

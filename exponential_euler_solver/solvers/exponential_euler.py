@@ -21,7 +21,7 @@ from .._validate import positive_float
 from ..linalg.blocks import gram
 from . import multistep
 from .base import Proposal, check_loss
-from .control import DEFAULT_RTOL
+from .control import DEFAULT_RTOL, SAFETY
 from .eigen_based import EigenSolverBase
 from .phi import phi0, phi1, phi2
 
@@ -36,9 +36,22 @@ def stiff_step_lengths(eigvals: Tensor, dt: float) -> Tensor:
 
 
 SCHEMES = ("multistep", "heun")
+#: The default ``rtol`` of each scheme. The multistep estimate is that of the accepted point's own error (AB2's
+#: local error constant 5/12, the estimate's 1/2 before Milne's factor); heun's is the Euler-Heun difference, a
+#: first-order estimate of a second-order point, so heun admits a larger value for the same fidelity. Measured on
+#: the digits at 64x2, where steps are set by the error: multistep rtol 0.2 / 0.05 / 0.02 / 0.01 crossed loss 0.01
+#: +1.3% / +1.5% / +0.70% / +0.39% off the converged reference; heun 0.2 +0.27%.
+DEFAULT_RTOLS = {"multistep": 0.02, "heun": DEFAULT_RTOL}
+#: LOBPCG iterations per warm refresh of each scheme (the multistep step tolerates looser eigenpairs: its
+#: remainder term carries what the tracked part misses).
+DEFAULT_EIG_MAX_ITERS = {"multistep": 1, "heun": 20}
 # Fraction of the explicit part's stability bound 1/|lambda_{k+1}| that a multistep step may use: AB2 is stable for
 # h lambda < 1, with a parasitic root -1 at the bound (-0.74 at 0.8).
 DEFAULT_STABILITY_FRACTION = 0.8
+# With the multistep scheme, eigenpairs age only while the stability cap binds (a refresh could then lengthen the
+# steps); otherwise (max_step_size or the error binds) they are refreshed after this many times max_eig_age steps,
+# on a rejection, or when the method marks them stale.
+MULTISTEP_AGE_BACKSTOP = 10
 
 
 class SplitSteps:
@@ -192,18 +205,23 @@ class SplitSteps:
         self._history, self._coords = None, None
 
     def _scheme_state(self) -> dict:
-        h = self._history
-        return {} if h is None else {"history": {"grad": h.grad.clone(), "delta": h.delta.clone(), "dt": h.dt,
-                                                 "grad_norm": h.grad_norm}}
+        h, c = self._history, self._coords
+        state = {}
+        if h is not None:
+            state["history"] = {"grad": h.grad.clone(), "delta": h.delta.clone(), "dt": h.dt, "grad_norm": h.grad_norm}
+        if c is not None:  # carried from step to step; recomputing them would round differently
+            state["coordinates"] = {"a": c.a, "a_prev": c.a_prev, "e_prev": c.e_prev, "basis": c.basis}
+        return state
 
     def _load_scheme_state(self, state: dict) -> None:
-        self._coords = None
-        h = state.get("history")
+        h, c = state.get("history"), state.get("coordinates")
         like = self.params
         self._history = None if h is None else multistep.History(
-            grad=h["grad"].to(device=like.device, dtype=like.dtype), delta=h["delta"].to(device=like.device,
-                                                                                         dtype=like.dtype),
-            dt=float(h["dt"]), grad_norm=float(h["grad_norm"]))
+            grad=h["grad"].to(device=like.device, dtype=like.dtype),
+            delta=h["delta"].to(device=like.device, dtype=like.dtype), dt=float(h["dt"]),
+            grad_norm=float(h["grad_norm"]))
+        self._coords = None if c is None else multistep.Coordinates(
+            c["a"].to(like.device), c["a_prev"].to(like.device), c["e_prev"].to(like.device), int(c["basis"]))
 
 
 class StiffSplitSolver(SplitSteps, EigenSolverBase):
@@ -218,37 +236,52 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         params, loss: as :class:`~exponential_euler_solver.solvers.base.Solver`.
         n_stiff: tracked directions integrated exponentially, ``>= 0``; ``n_stiff + 1`` eigenpairs are tracked
             (the last sets the explicit part's cap).
-        rtol: relative local error per step, or None (the plain rule).
-        scheme: ``"heun"`` or ``"multistep"`` (see :class:`SplitSteps`).
+        rtol: relative local error per step, or None (the plain rule); ``"auto"`` (default): the scheme's
+            (:data:`DEFAULT_RTOLS`).
+        scheme: ``"multistep"`` (default) or ``"heun"`` (see :class:`SplitSteps`).
         corrector: with ``"heun"``, the exponential-Heun stage; default: on when ``rtol`` is given.
-        stability_fraction: ``c`` for ``"multistep"`` (default :data:`DEFAULT_STABILITY_FRACTION`), in ``(0, 1]``.
+        stability_fraction: ``c``, in ``(0, 1]``; default :data:`DEFAULT_STABILITY_FRACTION` for ``"multistep"``
+            with error control, 1 for the one-step rules (``"heun"``, or ``rtol=None``).
+        eig_max_iters: LOBPCG iterations per warm refresh; default the scheme's (:data:`DEFAULT_EIG_MAX_ITERS`).
         **kwargs: :class:`~exponential_euler_solver.solvers.eigen_based.EigenSolverBase` and
             :class:`~exponential_euler_solver.solvers.base.Solver` options.
 
     Raises:
-        ValueError: an unknown ``scheme`` or a ``stability_fraction`` outside ``(0, 1]``.
+        ValueError: an unknown ``scheme``, ``corrector`` given without ``scheme="heun"``, or a
+            ``stability_fraction`` outside ``(0, 1]``.
     """
 
-    default_scheme = "heun"
+    default_scheme = "multistep"
 
-    def __init__(self, params: Tensor, loss, n_stiff: int, *, rtol: Optional[float] = DEFAULT_RTOL,
-                 scheme: Optional[str] = None, corrector: Optional[bool] = None,
-                 stability_fraction: Optional[float] = None, **kwargs):
+    def __init__(self, params: Tensor, loss, n_stiff: int, *, rtol="auto", scheme: Optional[str] = None,
+                 corrector: Optional[bool] = None, stability_fraction: Optional[float] = None,
+                 eig_max_iters: Optional[int] = None, **kwargs):
         scheme = self.default_scheme if scheme is None else scheme
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}; got {scheme!r}")
         self.scheme = scheme
-        super().__init__(params, loss, n_stiff + 1, rtol=rtol, **kwargs)
+        if isinstance(rtol, str):
+            if rtol != "auto":
+                raise ValueError(f"rtol must be a positive number, None or 'auto'; got {rtol!r}")
+            rtol = DEFAULT_RTOLS[scheme]
+        if eig_max_iters is None:
+            eig_max_iters = DEFAULT_EIG_MAX_ITERS[scheme]
+        if corrector is not None and scheme != "heun":
+            raise ValueError(f"corrector is the 'heun' scheme's stage; pass scheme='heun' with it (this solver's "
+                             f"scheme is {scheme!r}); got corrector={corrector!r}")
+        super().__init__(params, loss, n_stiff + 1, rtol=rtol, eig_max_iters=eig_max_iters, **kwargs)
         self.n_stiff = n_stiff
         self.corrector = (self.rtol is not None) if corrector is None else bool(corrector)
-        if stability_fraction is None:
-            stability_fraction = DEFAULT_STABILITY_FRACTION if scheme == "multistep" else 1.0
+        if stability_fraction is None:  # the plain rule (rtol=None) is one-step: Euler's bound
+            multistep_run = scheme == "multistep" and self.rtol is not None
+            stability_fraction = DEFAULT_STABILITY_FRACTION if multistep_run else 1.0
         stability_fraction = positive_float("stability_fraction", stability_fraction)
         if stability_fraction > 1:
             raise ValueError(f"stability_fraction must be in (0, 1]; got {stability_fraction!r}")
         self.stability_fraction = stability_fraction
         self._history: Optional[multistep.History] = None
         self._coords: Optional[multistep.Coordinates] = None
+        self._capped_age = 0  # steps since the refresh that the stability cap bound (multistep)
 
     def _step_limit(self) -> float:  # pragma: no cover - abstract
         """The user's largest step (``max_step_size`` or ``lr``)."""
@@ -264,17 +297,49 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
     def _stability_curvature(self) -> Optional[float]:
         return abs(float(self.tracker.values[self.n_stiff]))
 
-    def _max_dt(self) -> float:
+    def _stability_cap(self) -> float:
         curvature = self._stability_curvature()
-        cap = math.inf if curvature == 0 else self.stability_fraction / curvature
-        return min(self._scale() * self._step_limit(), cap)
+        return math.inf if curvature == 0 else self.stability_fraction / curvature
+
+    def _max_dt(self) -> float:
+        return min(self._scale() * self._step_limit(), self._stability_cap())
+
+    def _refresh_due(self) -> bool:
+        if self.scheme != "multistep" or self.rtol is None or self.tracker.vectors is None:
+            return super()._refresh_due()
+        return (self._stale or self._capped_age >= self.max_eig_age
+                or self.tracker.age >= MULTISTEP_AGE_BACKSTOP * self.max_eig_age)
+
+    def _refresh(self) -> None:
+        super()._refresh()
+        self._capped_age = 0
+
+    def _on_accept(self, dt: float, proposal: Proposal, new_grad: Tensor) -> None:
+        cap = self._stability_cap()
+        if dt >= 0.999 * cap and cap <= self._scale() * self._step_limit():
+            self._capped_age += 1
+        super()._on_accept(dt, proposal, new_grad)
+
+    def _first_dt(self) -> Optional[float]:
+        """The first step of the multistep scheme (a one-step start): small enough that its first-order error
+        ``(dt/2) |lambda_{k+1}| ||g||`` is within the tolerance, ``SAFETY * rtol / |lambda_{k+1}|``."""
+        if self.scheme != "multistep" or self.rtol is None:
+            return None
+        curvature = self._stability_curvature()
+        return None if curvature == 0 else SAFETY * self.rtol / curvature
 
     def _method_state(self) -> dict:
-        return {**super()._method_state(), **self._scheme_state()}
+        return {**super()._method_state(), **self._scheme_state(), "capped_age": self._capped_age,
+                "scheme": self.scheme}
 
     def _load_method_state(self, state: dict) -> None:
+        saved = state.get("scheme", "heun")  # files written before the multistep scheme hold heun runs
+        if saved != self.scheme:
+            raise ValueError(f"the state was saved by a {saved!r} run; build the solver with scheme={saved!r} to "
+                             f"continue it (this one is {self.scheme!r})")
         super()._load_method_state(state)
         self._load_scheme_state(state)
+        self._capped_age = int(state.get("capped_age", 0))
 
 
 class ExponentialEulerSolver(StiffSplitSolver):
@@ -315,7 +380,7 @@ class ExponentialEulerSolver(StiffSplitSolver):
     default_max_eig_age = 20
 
     def __init__(self, params: Tensor, loss, max_step_size: float, stiff_dim: int, warmup_iters: int = 0,
-                 warmup_factor: float = 1.0, *, rtol: Optional[float] = DEFAULT_RTOL, **kwargs):
+                 warmup_factor: float = 1.0, *, rtol="auto", **kwargs):
         check_loss(loss)
         n_params = loss.n_params
         if isinstance(stiff_dim, bool) or not isinstance(stiff_dim, int) or not 1 <= stiff_dim < n_params:

@@ -8,7 +8,6 @@ from torch import Tensor
 
 from .._validate import positive_float
 from .base import Solver
-from .control import DEFAULT_RTOL
 from .exponential_euler import SplitSteps, StiffSplitSolver
 from .tracking import EigenTracker
 
@@ -88,7 +87,7 @@ class AdaptiveGradientDescent(StiffSplitSolver):
     """
 
     def __init__(self, params: Tensor, loss, lr: float, warmup_iters: int = 0, warmup_factor: float = 1.0, *,
-                 rtol: Optional[float] = DEFAULT_RTOL, **kwargs):
+                 rtol="auto", **kwargs):
         super().__init__(params, loss, 0, warmup_iters=warmup_iters, warmup_factor=warmup_factor, rtol=rtol,
                          **kwargs)
         self.lr = positive_float("lr", lr)

@@ -34,7 +34,11 @@ from torch import Tensor
 
 from .phi import phi1, phi2
 
-__all__ = ["History", "etd2_weights", "milne_factor"]
+__all__ = ["History", "Coordinates", "etd2_weights", "milne_factor", "propose", "milne_error", "CANCELLATION"]
+
+# ||E||^2 is expanded as ||r||^2 + 2 q.(V^T r) + ||q||^2 (no pass over V) unless it comes out below this fraction of
+# ||r||^2: ||r||^2 of a float32 vector is good to about 1e-7 relative, so the expansion keeps 3 digits or more.
+CANCELLATION = 1e-4
 
 
 def milne_factor(w: float) -> float:
@@ -119,9 +123,13 @@ def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History
         return 0.5 * float(torch.linalg.vector_norm(r, dtype=torch.float64)), None
     a_new = (V.T @ g_new).double()
     q = mu * (w * coords.e_prev - info["e"])
-    # E = r + V q is formed, not expanded: along a stiff direction r and V q nearly cancel.
-    r.addmv_(V, q.to(r.dtype))
-    ee = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
-    ve = (a_new - (1 + w) * coords.a + w * coords.a_prev) + q
+    vr = a_new - (1 + w) * coords.a + w * coords.a_prev  # V^T r
+    rr = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+    ee = rr + 2 * float(q @ vr) + float(q @ q)
+    if ee < CANCELLATION * rr:
+        # Along a stiff direction r and V q nearly cancel: the expansion lost its digits, so E is formed.
+        r.addmv_(V, q.to(r.dtype))
+        ee = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+    ve = vr + q
     weighted = ee / 4 + float(((info["f2"] ** 2 - 0.25) * ve * ve).sum())
     return math.sqrt(max(weighted, 0.0)), a_new

@@ -1,0 +1,213 @@
+"""The multistep scheme (exponential Adams-Bashforth, ETD2, with Milne's estimate): order, exactness, one gradient
+per step, its error estimate, its refresh policy and its keyword."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import exponential_euler_solver as euler
+from exponential_euler_solver import Stop, integrate
+from exponential_euler_solver.errors import CheckpointError
+from exponential_euler_solver.solvers import multistep
+from exponential_euler_solver.solvers.control import SAFETY
+from exponential_euler_solver.solvers.exponential_euler import DEFAULT_RTOLS, MULTISTEP_AGE_BACKSTOP
+
+
+class _Vector(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], -1)
+
+
+def quadratic(eigvals, seed=0):
+    """L = 1/2 (theta - theta*)^T A (theta - theta*), A = Q diag(eigvals) Q^T; returns loss, A, theta*, theta0."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigvals)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor(eigvals, dtype=torch.float64)) @ Q.T
+    A = (A + A.T) / 2
+    target = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def criterion(out, _y):
+        d = out - target
+        return 0.5 * ((d @ A) * d).sum(-1)
+
+    loss = euler.LossFunction(TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1)), criterion,
+                              _Vector(n))
+    return loss, A, target, target + torch.randn(n, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    X = torch.randn(24, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,))
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    loss = euler.LossFunction(TensorDataset(X, y), torch.nn.CrossEntropyLoss(), net)
+    return loss, 2 * loss.initialize_parameters(dtype=torch.float64)
+
+
+def _fixed_steps(make, loss, p0, h, T):
+    """A solver run with every step h (rtol so loose that nothing is rejected, max step h below every cap)."""
+    solver = make(p0.clone(), loss, h)
+    integrate(solver, Stop(time=T - 1e-12))
+    return solver
+
+
+def _rk4(loss, p0, T, n):
+    solver = euler.RungeKutta4Solver(p0.clone(), loss, T / n, alpha=100.0)
+    integrate(solver, Stop(steps=n))
+    return solver.params
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, loss, h: euler.ExponentialEulerSolver(p, loss, h, 2, rtol=1e9, stability_fraction=1.0),
+    lambda p, loss, h: euler.AdaptiveGradientDescent(p, loss, h, rtol=1e9, stability_fraction=1.0),
+], ids=["exponential-euler", "adaptive"])
+def test_second_order_at_one_gradient_per_step(mlp, make):
+    loss, p0 = mlp
+    T = 1.0
+    errors = []
+    for n in (50, 100, 200):
+        solver = _fixed_steps(make, loss, p0, T / n, T)
+        assert solver.n_steps == n and solver.t == pytest.approx(T, rel=1e-12)
+        assert solver.n_grad == n + 1, (n, solver.n_grad)  # the start, then one per step
+        errors.append(float((solver.params - _rk4(loss, p0, T, 4 * n)).norm()))
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(3.5 < r < 4.6 for r in ratios), (errors, ratios)
+
+
+@pytest.mark.parametrize("max_step", [0.05, 1.0, 30.0])
+def test_exact_on_a_quadratic_whose_curvature_is_tracked(max_step):
+    # Every positive curvature is tracked and integrated exactly; the remainder D vanishes, so ETD2 is exact for
+    # any step size (and the multistep history changes nothing).
+    loss, A, target, theta0 = quadratic([50.0, 7.0, 2.0] + [0.0] * 5)
+    p = theta0.clone()
+    solver = euler.ExponentialEulerSolver(p, loss, max_step, 3, eig_tol=1e-12, eig_max_iters=300)
+    assert solver.scheme == "multistep"
+    for _ in range(5):
+        report = solver.step()
+        exact = target + torch.linalg.matrix_exp(-report.t * A) @ (theta0 - target)
+        assert float((p - exact).norm()) < 1e-10, (report.t, float((p - exact).norm()))
+
+
+def test_the_bulk_step_is_variable_step_adams_bashforth():
+    # Adaptive gradient descent tracks no direction: its multistep step is AB2 with the step ratio w = h / h_prev,
+    # theta_{n+1} = theta_n - h (1 + w/2) g_n + h (w/2) g_{n-1}; written out here from the recorded gradients.
+    loss, A, target, theta0 = quadratic([3.0, 2.0, 1.0, 0.5])
+    p = theta0.clone()
+    solver = euler.AdaptiveGradientDescent(p, loss, 0.05, rtol=1e9, warmup_iters=3, warmup_factor=0.3)
+    grads, points, dts = [], [p.clone()], []
+    for _ in range(6):
+        grads.append(A @ (p - target))
+        report = solver.step()
+        points.append(p.clone())
+        dts.append(report.dt)
+    assert dts[2] != dts[3], dts  # the warmup ends: a step-size change the weights must follow
+    for n in range(1, 6):
+        h, w = dts[n], dts[n] / dts[n - 1]
+        expected = points[n] - h * (1 + w / 2) * grads[n] + h * (w / 2) * grads[n - 1]
+        assert float((points[n + 1] - expected).norm()) <= 1e-13 * float(expected.norm()), n
+
+
+def test_milne_estimate_matches_the_local_error():
+    # On y' = -lambda y (a direction the step does not track), the AB2 point's local error over one step from the
+    # exact history is known in closed form; Milne's estimate (2w + 3)/(3w + 3) |C - P| approaches it as h -> 0.
+    lam = 3.0
+    for h, w in ((0.02, 1.0), (0.01, 1.0), (0.01, 0.5)):
+        hp = h / w
+        y0 = 1.0
+        y_prev = math.exp(lam * hp)  # the exact solution one step back
+        g, g_prev = lam * y0, lam * y_prev
+        p = y0 - h * (1 + w / 2) * g + h * (w / 2) * g_prev
+        g_new = lam * p
+        history = multistep.History(grad=torch.tensor([g_prev], dtype=torch.float64),
+                                    delta=torch.tensor([y0 - y_prev], dtype=torch.float64), dt=hp,
+                                    grad_norm=abs(g_prev))
+        size, _ = multistep.milne_error(h, {"w": w}, torch.tensor([g_new], dtype=torch.float64),
+                                        torch.tensor([g], dtype=torch.float64), history, None, None, None)
+        estimate = multistep.milne_factor(w) * h * size
+        true = abs(math.exp(-lam * h) - p)
+        assert estimate == pytest.approx(true, rel=0.15), (h, w, estimate, true)
+
+
+def test_one_gradient_per_step_and_monotone_on_a_network(mlp):
+    loss, p0 = mlp
+    for solver in (euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2),
+                   euler.AdaptiveGradientDescent(p0.clone(), loss, 0.5)):
+        traj = integrate(solver, Stop(loss=0.4, steps=400))
+        assert traj.stop_reason == "target" and traj.strictly_decreasing
+        assert solver.n_grad == 1 + len(traj) + solver.n_rejected, (solver.n_grad, len(traj), solver.n_rejected)
+
+
+def test_the_first_step_is_bounded_a_priori(mlp):
+    loss, p0 = mlp
+    solver = euler.ExponentialEulerSolver(p0.clone(), loss, 10.0, 2)
+    report = solver.step()
+    bound = SAFETY * DEFAULT_RTOLS["multistep"] / abs(float(report.eigvals[-1]))
+    assert report.dt == pytest.approx(bound, rel=1e-12) and report.rejections == 0, (report.dt, bound)
+
+
+def test_eigenpairs_age_only_while_the_stability_cap_binds(mlp):
+    loss, p0 = mlp
+    # A max step far below 1/|lambda|: the cap never binds, so no refresh until the backstop.
+    solver = euler.ExponentialEulerSolver(p0.clone(), loss, 1e-4, 2, max_eig_age=3)
+    refreshes = []
+    for step in range(3 * MULTISTEP_AGE_BACKSTOP + 2):
+        report = solver.step()
+        if report.eig_age == 0:
+            refreshes.append(step)
+    assert refreshes == [0, 3 * MULTISTEP_AGE_BACKSTOP], refreshes
+    # A huge max step: the cap binds (once the error control lets the steps grow there) and every max_eig_age
+    # capped steps the pairs are refreshed.
+    solver = euler.ExponentialEulerSolver(p0.clone(), loss, 100.0, 2, max_eig_age=3, rtol=1.0)
+    capped_run = 0
+    for _ in range(40):
+        report = solver.step()
+        cap = solver.stability_fraction / abs(float(report.eigvals[-1]))
+        if report.eig_age == 0:
+            assert capped_run in (0, 3) or report.rejections, capped_run
+            capped_run = 0
+        if report.dt >= 0.999 * cap:
+            capped_run += 1
+    assert solver.tracker.n_refreshes >= 3
+
+
+def test_scheme_keyword():
+    loss, A, target, theta0 = quadratic([3.0, 1.0, 0.5])
+    assert euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1).scheme == "multistep"
+    assert euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1).rtol == DEFAULT_RTOLS["multistep"]
+    heun = euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1, scheme="heun")
+    assert heun.rtol == DEFAULT_RTOLS["heun"] and heun.corrector
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, scheme="rk45")
+    with pytest.raises(ValueError, match="scheme='heun'"):
+        euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, corrector=True)
+    with pytest.raises(ValueError, match="rtol must be"):
+        euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, rtol="tight")
+    # A heun run's state continues only in a heun solver.
+    integrate(heun, Stop(steps=2))
+    with pytest.raises(ValueError, match="scheme='heun'"):
+        euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1).load_state_dict(heun.state_dict())
+
+
+def test_a_multistep_checkpoint_resumes_bit_identically(mlp, tmp_path):
+    loss, p0 = mlp
+    a = euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2)
+    integrate(a, Stop(steps=7))
+    path = tmp_path / "ms.pt"
+    euler.save_checkpoint(path, a)
+    b = euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2)
+    euler.resume(path, b)
+    assert b._history is not None and b._coords is not None
+    for _ in range(8):
+        ra, rb = a.step(), b.step()
+        assert (ra.dt, ra.loss, ra.new_loss, ra.n_hvp) == (rb.dt, rb.loss, rb.new_loss, rb.n_hvp)
+    assert torch.equal(a.params, b.params)
+    with pytest.raises(CheckpointError, match="scheme='multistep'"):
+        euler.resume(path, euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2, scheme="heun"))
