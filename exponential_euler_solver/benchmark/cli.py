@@ -3,7 +3,8 @@
 ``euler-benchmark`` (or ``python -m exponential_euler_solver.benchmark``) trains the seed benchmark's network
 on every (n_train, n_classes, seed) of the grid with every chosen solver until the loss reaches the target,
 then prints the seed's table of wall times and a table of per-run counts. ``--json`` writes every number,
-``--plot`` a figure of loss and tracked curvature against flow time.
+``--plot`` a figure of loss and tracked curvature against flow time. ``--net cnn`` trains the small convolutional
+network of :mod:`.networks` instead, ``--loss mse`` the squared error against one-hot targets of :mod:`.criteria`.
 
 ``--compare`` also runs the existing implementation, ``stable-solvers`` 0.1 (:mod:`.peer`), on every grid point
 and solver from the same initial parameters, and prints a table of both side by side with a floor of one
@@ -40,7 +41,7 @@ from ..solvers import SOLVERS
 from .datasets import DATASETS, DEFAULT_DATASET, load_dataset
 from .grid_checkpoint import DEFAULT_CHECKPOINT_SECONDS, GridCheckpoint
 from .peer import DEFAULT_MAX_SECONDS, PEER_MISSING, PeerMissingError, import_peer
-from .problem import DataError
+from .problem import LOSS_KINDS, NETWORKS, DataError
 from .report import (
     PLOT_MISSING,
     benchmark_record,
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (grid values are checked as they are parsed)."""
     p = argparse.ArgumentParser(
         prog=PROG, description="Time exponential Euler against adaptive gradient descent: train the seed "
-        "benchmark's 6-layer ELU MLP on each grid point until the full-batch loss reaches the target.")
+        "benchmark's 6-layer ELU MLP (or --net cnn) on each grid point until the full-batch loss reaches the target.")
     grid = p.add_argument_group("grid")
     grid.add_argument("--n-train", type=_positive_int, nargs="+", default=[64, 256], metavar="N",
                       help="training set sizes (default: 64 256)")
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"solvers to run (default: {' '.join(default_solvers)})")
     grid.add_argument("--max-steps", type=_positive_int, default=DEFAULT_MAX_STEPS,
                       help=f"accepted steps after which a run stops, not converged (default: {DEFAULT_MAX_STEPS})")
+    grid.add_argument("--net", choices=NETWORKS, default="mlp",
+                      help="network: mlp, the seed's 6-layer ELU MLP (3072 -> 512 x5 -> C); cnn, 2 x [3x3 conv of 32 "
+                      "channels, ELU, 2x2 average pooling], then linear to C (Cohen et al. 2021's cnn-avgpool-elu) "
+                      "(default: mlp)")
+    grid.add_argument("--loss", choices=LOSS_KINDS, default="ce",
+                      help="loss: ce, mean cross-entropy; mse, mean over examples of 0.5 * ||f(x) - onehot(y)||^2 "
+                      "(exponential Euler's stiff_dim is C - 1 for ce, C for mse) (default: ce)")
     data = p.add_argument_group("data and device")
     data.add_argument("--dataset", choices=sorted(DATASETS), default=DEFAULT_DATASET,
                       help=f"dataset (default: {DEFAULT_DATASET}, bundled with scikit-learn)")
@@ -208,6 +216,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             import_peer()
         except PeerMissingError:
             parser.error(PEER_MISSING)
+        if args.loss != "ce":
+            parser.error(f"argument --compare: needs --loss ce (stable-solvers is run with CrossEntropyLoss); got "
+                         f"--loss {args.loss}")
     if args.resume and args.checkpoint is None:
         parser.error("argument --resume: needs --checkpoint PATH, the checkpoint to continue")
     if args.checkpoint is not None:
@@ -270,14 +281,15 @@ def run_suite(args: Optional[argparse.Namespace] = None, **kwargs) -> List[Point
                           solvers=ns["solvers"], target=ns["target"], device=ns["device"], dtype=dtype,
                           max_steps=ns["max_steps"], quiet=quiet, compare=ns["compare"],
                           compare_max_seconds=ns["compare_max_seconds"], fidelity=ns["fidelity"],
-                          progress=progress, checkpoint=checkpoint)
+                          progress=progress, checkpoint=checkpoint, net=ns["net"], loss=ns["loss"])
     except DataError as exc:
         raise DataError(f"dataset {ns['dataset']!r}: {exc}") from exc
 
 
 def grid_config(ns: dict) -> dict:
     """The configuration a grid checkpoint is written for, and that ``--resume`` must match: everything that
-    changes a run's numbers (grid values, target, solvers, ``max_steps``, dataset, dtype and device type).
+    changes a run's numbers (grid values, target, solvers, ``max_steps``, network, loss, dataset, dtype and device
+    type).
 
     Args:
         ns: option values by attribute name (``vars(args)``).
@@ -285,8 +297,13 @@ def grid_config(ns: dict) -> dict:
     dtype = ns["dtype"] if isinstance(ns["dtype"], str) else str(ns["dtype"]).replace("torch.", "")
     return {"n_train": [int(v) for v in ns["n_train"]], "n_classes": [int(v) for v in ns["n_classes"]],
             "seeds": [int(v) for v in ns["seeds"]], "target": float(ns["target"]), "solvers": list(ns["solvers"]),
-            "max_steps": int(ns["max_steps"]), "dataset": str(ns["dataset"]), "dtype": dtype,
+            "max_steps": int(ns["max_steps"]), "net": str(ns["net"]), "loss": str(ns["loss"]),
+            "dataset": str(ns["dataset"]), "dtype": dtype,
             "device": torch.device(ns["device"] or _default_device()).type}
+
+
+#: Configuration keys added after grid checkpoints were first written, with the value those checkpoints ran with.
+_CONFIG_DEFAULTS = {"net": "mlp", "loss": "ce"}
 
 
 def _grid_checkpoint(ns: dict) -> Optional[GridCheckpoint]:
@@ -305,6 +322,9 @@ def _grid_checkpoint(ns: dict) -> Optional[GridCheckpoint]:
             checkpoint = GridCheckpoint.load(path, ns["checkpoint_every"])
         except CheckpointError as exc:
             raise CheckpointError(f"--resume: {exc}") from exc
+        if isinstance(checkpoint.config, dict):  # written before these options existed: their defaults then
+            for key, value in _CONFIG_DEFAULTS.items():
+                checkpoint.config.setdefault(key, value)
         checkpoint.check_config(config)
         return checkpoint
     # Rank 0's view decides, so that every rank takes the same branch.
@@ -386,7 +406,9 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
         print()
         print(format_fidelity(points))
     if args.json is not None:
-        write_json(args.json, benchmark_record(results, vars(args), argv, points))
+        record = benchmark_record(results, vars(args), argv, points)
+        record["configuration"].update(net=args.net, loss=args.loss)
+        write_json(args.json, record)
     if args.plot is not None:
         write_plot(args.plot, results)
     return 0

@@ -156,9 +156,12 @@ class PeerSolver:
     Raises:
         PeerMissingError: ``stable-solvers`` is not installed.
         KeyError: ``solver`` has no peer counterpart.
+        ValueError: the problem's loss is not cross-entropy (``problem.loss != "ce"``).
     """
 
     def __init__(self, problem: Problem, solver: str):
+        if getattr(problem, "loss", "ce") != "ce":
+            raise ValueError(f"the peer is built with CrossEntropyLoss only; got a problem with loss {problem.loss!r}")
         module = import_peer()
         spec = PEER_SOLVERS[solver]
         self.name = solver

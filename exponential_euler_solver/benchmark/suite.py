@@ -34,11 +34,12 @@ from ..trajectory import Trajectory
 from .datasets import select_subset
 from .grid_checkpoint import GridCheckpoint
 from .peer import DEFAULT_MAX_SECONDS, PEER_SOLVERS, PeerSolver, import_peer, peer_implementation
-from .problem import DataError, Problem, build_problem
+from .problem import LOSS_KINDS, NETWORKS, DataError, Problem, build_problem
 from .results import IMPLEMENTATION, FidelityResult, PointResult, ReferenceResult, RunResult
 
 __all__ = ["REFERENCE_MAX_STEP", "GRADIENT_REPEATS", "DEFAULT_MAX_STEPS", "gradient_seconds", "compute_reference",
-           "run", "run_solver", "run_peer", "check_run_args", "check_options", "check_grid", "run_points"]
+           "run", "run_solver", "run_peer", "check_run_args", "check_options", "check_problem_options", "check_grid",
+           "run_points"]
 
 REFERENCE_MAX_STEP = 0.01  # the RK4 reference's largest step (the seed's max_step_size)
 GRADIENT_REPEATS = 5       # timed gradients (after one warm-up) whose median defines the floor
@@ -164,14 +165,14 @@ def _resumed(checkpoint: GridCheckpoint, key, solver, label: str, problem: Probl
 
 def run_solver(problem: Problem, solver: str, target: float, **kwargs) -> RunResult:
     """:func:`run` with our solver ``solver`` (a key of :data:`~exponential_euler_solver.SOLVERS`) built with
-    the seed's arguments on a clone of the initial parameters.
+    the seed's arguments for the problem's classes and loss kind on a clone of the initial parameters.
 
     Raises:
         KeyError: ``solver`` is not a key of SOLVERS.
     """
     entry = SOLVERS[solver]
-    arguments = entry.arguments(problem.n_classes)
-    instance = entry.build(problem.init_params.clone(), problem.loss_func, problem.n_classes)
+    arguments = entry.arguments_for(problem.n_classes, problem.loss)
+    instance = entry.build(problem.init_params.clone(), problem.loss_func, problem.n_classes, problem.loss)
     return run(problem, instance, target, name=solver, label=entry.label, arguments=arguments, **kwargs)
 
 
@@ -212,6 +213,18 @@ def check_options(*, compare: bool, fidelity: bool, checkpoint, compare_max_seco
         raise ValueError(f"compare_max_seconds must be a positive finite number; got {compare_max_seconds!r}")
 
 
+def check_problem_options(*, net: str, loss: str, compare: bool = False) -> None:
+    """Raise ValueError for an unknown ``net`` or ``loss``, or for ``compare`` with a loss other than
+    cross-entropy (the peer's loss function is built with ``CrossEntropyLoss``, :mod:`.peer`)."""
+    if net not in NETWORKS:
+        raise ValueError(f"net must be one of {NETWORKS}; got {net!r}")
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss must be one of {LOSS_KINDS}; got {loss!r}")
+    if compare and loss != "ce":
+        raise ValueError(f"compare (--compare) needs the cross-entropy loss (--loss ce): stable-solvers is run with "
+                         f"CrossEntropyLoss; got --loss {loss}")
+
+
 def check_grid(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Sequence[int], seeds: Sequence[int],
                solvers: Sequence[str]) -> Tuple[List[str], List[Tuple[int, int, int]]]:
     """The grid's distinct solvers and points ``(n_train, n_classes, seed)``, in grid order, after checking that
@@ -239,7 +252,7 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
                max_steps: int = DEFAULT_MAX_STEPS, quiet: bool = False, compare: bool = False,
                compare_max_seconds: float = DEFAULT_MAX_SECONDS, fidelity: bool = False,
                progress: Optional[Callable[[str], None]] = None,
-               checkpoint: Optional[GridCheckpoint] = None) -> List[PointResult]:
+               checkpoint: Optional[GridCheckpoint] = None, net: str = "mlp", loss: str = "ce") -> List[PointResult]:
     """Every solver on every grid point (see the module docstring), in the order n_train, n_classes, seed,
     solver (repeats run once). All subsets are drawn first, so a grid value that does not fit the data fails
     before any run starts.
@@ -251,16 +264,20 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
         progress: receives one line per reference refinement (None: silent).
         checkpoint: keep the grid's checkpoint there, and take the runs it lists as finished from it; None: no
             checkpoint.
+        net, loss: the network and the loss kind of every problem (:func:`~.problem.build_problem`); the peer
+            (``compare``) is built with cross-entropy only.
 
     Raises:
         PeerMissingError: ``compare`` without ``stable-solvers`` installed (before anything runs).
         DataError: a grid point does not fit the data.
-        ValueError: a bad ``target``, ``max_steps`` or option combination (:func:`check_options`).
+        ValueError: a bad ``target``, ``max_steps`` or option combination (:func:`check_options`), an unknown
+            ``net`` or ``loss``, or ``compare`` with a loss other than ``"ce"``.
         KeyError: an unknown solver name.
         CheckpointError: the checkpoint's interrupted run does not fit its solver.
     """
     check_run_args(target, max_steps)
     check_options(compare=compare, fidelity=fidelity, checkpoint=checkpoint, compare_max_seconds=compare_max_seconds)
+    check_problem_options(net=net, loss=loss, compare=compare)
     if compare:
         import_peer()
     solvers, points = check_grid(X, y, n_train=n_train, n_classes=n_classes, seeds=seeds, solvers=solvers)
@@ -270,7 +287,7 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
         if saved and all(r is not None for r in saved.values()):
             results.append(PointResult(n, c, s, runs=[saved[name] for name in solvers]))
             continue
-        problem = build_problem(X, y, n, c, s, device=device, dtype=dtype)
+        problem = build_problem(X, y, n, c, s, device=device, dtype=dtype, net=net, loss=loss)
         point = PointResult(n, c, s, init_params=problem.init_params)
         if compare:
             point.gradient_time = gradient_seconds(problem.loss_func, problem.init_params)

@@ -3,13 +3,34 @@ with stable-solvers and its fidelity harness read. Adding a solver is one module
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict
 
 from .exponential_euler import ExponentialEulerSolver
 from .gradient_descent import AdaptiveGradientDescent
 
-__all__ = ["SolverEntry", "SOLVERS"]
+__all__ = ["LOSS_KINDS", "SolverEntry", "SOLVERS", "stiff_dim"]
+
+#: The benchmark's loss kinds: mean cross-entropy (``"ce"``) and mean squared error against one-hot targets
+#: (``"mse"``).
+LOSS_KINDS = ("ce", "mse")
+
+
+def stiff_dim(n_classes: int, loss: str = "ce") -> int:
+    """The number of sharp Hessian directions of a ``n_classes``-output classifier trained with ``loss``:
+    ``n_classes - 1`` for cross-entropy (the softmax is invariant to a shift of all logits, so the loss's Hessian
+    in the outputs has rank C - 1) and ``n_classes`` for squared error (its Hessian in the outputs is the
+    identity: one sharp direction per output).
+
+    Raises:
+        ValueError: ``loss`` is not one of :data:`LOSS_KINDS`.
+    """
+    if loss == "ce":
+        return n_classes - 1
+    if loss == "mse":
+        return n_classes
+    raise ValueError(f"loss must be one of {LOSS_KINDS}; got {loss!r}")
 
 
 @dataclass(frozen=True)
@@ -18,27 +39,56 @@ class SolverEntry:
 
     Attributes:
         label: the name used in tables and plots (``"Exponential Euler"``).
-        cls: the solver class, called as ``cls(params, loss_func, **arguments(n_classes))``.
-        arguments: the keyword arguments of the seed benchmark for a problem with ``n_classes`` classes.
+        cls: the solver class, called as ``cls(params, loss_func, **arguments(n_classes, loss))``.
+        arguments: the keyword arguments of the seed benchmark for a problem with ``n_classes`` classes and the
+            loss kind ``loss`` (one of :data:`LOSS_KINDS`, default ``"ce"``): ``arguments(n_classes, loss)``. A
+            callable of ``n_classes`` alone is read as written for cross-entropy (see :meth:`arguments_for`).
         in_default_grid: whether the benchmark runs it when no ``--solvers`` are given.
     """
 
     label: str
     cls: type
-    arguments: Callable[[int], Dict[str, object]]
+    arguments: Callable[..., Dict[str, object]]
     in_default_grid: bool = True
 
-    def build(self, params, loss_func, n_classes: int):
-        """The solver on ``params`` (updated in place) with the seed's arguments."""
-        return self.cls(params, loss_func, **self.arguments(n_classes))
+    def arguments_for(self, n_classes: int, loss: str = "ce") -> Dict[str, object]:
+        """``arguments(n_classes, loss)``; an entry whose ``arguments`` take ``n_classes`` alone was written for
+        cross-entropy and is called so for ``loss="ce"``.
+
+        Raises:
+            ValueError: ``loss`` is not one of :data:`LOSS_KINDS`, or is not ``"ce"`` for an entry whose
+                ``arguments`` take ``n_classes`` alone.
+        """
+        if loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {LOSS_KINDS}; got {loss!r}")
+        try:
+            inspect.signature(self.arguments).bind(n_classes, loss)
+        except TypeError:
+            if loss != "ce":
+                raise ValueError(f"the {self.label} solver's arguments take the number of classes only (cross-entropy);"
+                                 f" got loss {loss!r}") from None
+            return self.arguments(n_classes)
+        except ValueError:  # no signature (a builtin): assume the two-argument form
+            pass
+        return self.arguments(n_classes, loss)
+
+    def build(self, params, loss_func, n_classes: int, loss: str = "ce"):
+        """The solver on ``params`` (updated in place) with the seed's arguments for ``n_classes`` and ``loss``
+        (:meth:`arguments_for`)."""
+        return self.cls(params, loss_func, **self.arguments_for(n_classes, loss))
+
+
+def _exponential_euler_arguments(n_classes: int, loss: str = "ce") -> Dict[str, object]:
+    return {"max_step_size": 0.01, "stiff_dim": stiff_dim(n_classes, loss)}
+
+
+def _adaptive_arguments(n_classes: int, loss: str = "ce") -> Dict[str, object]:
+    stiff_dim(n_classes, loss)  # checks the loss kind; the arguments do not depend on it
+    return {"lr": 0.01, "warmup_iters": 10, "warmup_factor": 0.01}
 
 
 #: Solver name -> how to build it, with the seed benchmark's arguments.
 SOLVERS: Dict[str, SolverEntry] = {
-    "exponential-euler": SolverEntry(
-        "Exponential Euler", ExponentialEulerSolver,
-        lambda n_classes: {"max_step_size": 0.01, "stiff_dim": n_classes - 1}),
-    "adaptive": SolverEntry(
-        "Adaptive Gradient", AdaptiveGradientDescent,
-        lambda n_classes: {"lr": 0.01, "warmup_iters": 10, "warmup_factor": 0.01}),
+    "exponential-euler": SolverEntry("Exponential Euler", ExponentialEulerSolver, _exponential_euler_arguments),
+    "adaptive": SolverEntry("Adaptive Gradient", AdaptiveGradientDescent, _adaptive_arguments),
 }
