@@ -302,7 +302,7 @@ def test_peer_never_sees_the_benchmarks_objects(small_problem):
 
 @needs_peer
 def test_peer_of_a_solver_without_counterpart_is_a_key_error(small_problem, monkeypatch):
-    monkeypatch.setitem(SOLVERS, "plain-gd", SolverEntry("Plain GD", GradientDescent, lambda c: {"lr": 0.01},
+    monkeypatch.setitem(SOLVERS, "plain-gd", SolverEntry("Plain GD", GradientDescent, lambda c, loss="ce": {"lr": 0.01},
                                                          in_default_grid=False))
     with pytest.raises(KeyError, match="plain-gd"):
         run_peer(small_problem, "plain-gd", 0.1, quiet=True)
@@ -449,7 +449,7 @@ def test_fidelity_in_json_and_table(tiny_compare):
 # a solver without a peer counterpart in a --compare grid
 @needs_peer
 def test_compare_skips_a_solver_without_peer_counterpart(monkeypatch, tmp_path):
-    monkeypatch.setitem(SOLVERS, "plain-gd", SolverEntry("Plain GD", GradientDescent, lambda c: {"lr": 0.01},
+    monkeypatch.setitem(SOLVERS, "plain-gd", SolverEntry("Plain GD", GradientDescent, lambda c, loss="ce": {"lr": 0.01},
                                                          in_default_grid=False))
     monkeypatch.setattr(problem_module, "build_network", _small_network)
     assert "plain-gd" not in PEER_SOLVERS
@@ -482,7 +482,7 @@ def test_compare_skips_a_solver_without_peer_counterpart(monkeypatch, tmp_path):
 
 @needs_peer
 def test_run_suite_compare_without_peer_counterpart(monkeypatch):
-    monkeypatch.setitem(SOLVERS, "plain-gd", SolverEntry("Plain GD", GradientDescent, lambda c: {"lr": 0.01},
+    monkeypatch.setitem(SOLVERS, "plain-gd", SolverEntry("Plain GD", GradientDescent, lambda c, loss="ce": {"lr": 0.01},
                                                          in_default_grid=False))
     monkeypatch.setattr(problem_module, "build_network", _small_network)
     (point,) = run_suite(n_train=[16], n_classes=[2], target=0.3, max_steps=3, quiet=True, device="cpu",

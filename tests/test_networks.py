@@ -28,7 +28,7 @@ from exponential_euler_solver.benchmark.networks import CNN_WIDTH, build_cnn, cn
 from exponential_euler_solver.benchmark.problem import build_model, build_problem
 from exponential_euler_solver.solvers import SOLVERS
 from exponential_euler_solver.solvers.base import Solver
-from exponential_euler_solver.solvers.registry import SolverEntry, stiff_dim
+from exponential_euler_solver.solvers.registry import stiff_dim
 
 SMALL_WIDTH = 16
 CNN_TEST_WIDTH = 4
@@ -198,13 +198,6 @@ def test_stiff_dim_is_c_for_mse_and_c_minus_1_for_ce(n_classes):
         stiff_dim(n_classes, "hinge")
     with pytest.raises(ValueError, match="loss must be one of"):
         entry.arguments_for(n_classes, "hinge")
-
-
-def test_an_entry_written_for_cross_entropy_runs_with_ce_only():
-    entry = SolverEntry("Plain", object, lambda c: {"lr": 0.01 * c})
-    assert entry.arguments_for(3) == entry.arguments_for(3, "ce") == {"lr": 0.03}
-    with pytest.raises(ValueError, match="number of classes only"):
-        entry.arguments_for(3, "mse")
 
 
 def test_built_solver_gets_the_losss_stiff_dim():

@@ -38,10 +38,11 @@ from tqdm import tqdm
 from ..distributed import is_distributed, is_main_process, main_process_decides
 from ..errors import CheckpointError
 from ..solvers import SOLVERS
+from . import work_precision
 from .datasets import DATASETS, DEFAULT_DATASET, load_dataset
 from .grid_checkpoint import DEFAULT_CHECKPOINT_SECONDS, GridCheckpoint
 from .peer import DEFAULT_MAX_SECONDS, PEER_MISSING, PeerMissingError, import_peer
-from .problem import LOSS_KINDS, NETWORKS, DataError
+from .problem import LOSS_KINDS, NETWORKS, DataError, build_problem
 from .report import (
     PLOT_MISSING,
     benchmark_record,
@@ -118,6 +119,10 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _default_cache() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "exponential_euler_solver", "references")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser (grid values are checked as they are parsed)."""
     p = argparse.ArgumentParser(
@@ -164,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--fidelity", action="store_true",
                      help="integrate the flow with a converged RK4 reference (max step 0.01) per grid point and "
                      "report each run's crossing-time error and parameter deviations from it")
+    wp = p.add_argument_group("work-precision")
+    wp.add_argument("--work-precision", action="store_true",
+                    help="instead of the grid's runs: every method (ours over rtol, with the seed's arguments and "
+                    "uncapped; the heun scheme; RK4 over alpha; fixed-lr gradient descent; torchdiffeq dopri5 and "
+                    "bosh3 over rtol; stable-solvers) against one converged reference per grid point, with its "
+                    "crossing-time error, distance to the reference, counts and wall in units of one gradient; "
+                    "--plot draws error against cost")
+    wp.add_argument("--wp-quick", action="store_true", help="fewer knob values per method (for long grid points)")
+    wp.add_argument("--wp-methods", nargs="+", default=None, metavar="NAME",
+                    help="only the methods whose name starts with one of these (ours, heun, rk4, gd, dopri5, bosh3, "
+                    "stable-solvers)")
+    wp.add_argument("--wp-max-seconds", type=_positive_seconds, default=900.0, metavar="S",
+                    help="seconds of stepping after which a run stops (default: 900)")
+    wp.add_argument("--reference-cache", metavar="DIR", default=_default_cache(),
+                    help="folder where converged references are kept and found again, keyed by configuration "
+                    f"('none': no cache; default: {_default_cache()})")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None, help="write every number to this JSON file")
     out.add_argument("--plot", metavar="PATH", default=None,
@@ -381,7 +402,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dist.destroy_process_group()
 
 
+def _work_precision(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    """``--work-precision``: the sweep of :mod:`.work_precision` on every grid point, its tables, JSON and plot."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        X, y = load_dataset(args.dataset, args.data_dir)
+    except (OSError, ValueError) as exc:
+        print(f"{PROG}: error: dataset {args.dataset!r}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    progress = None if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
+    cache = None if args.reference_cache in (None, "none") else args.reference_cache
+    results = []
+    for n, c, s in dict.fromkeys((n, c, s) for n in args.n_train for c in args.n_classes for s in args.seeds):
+        try:
+            problem = build_problem(X, y, n, c, s, device=args.device, dtype=DTYPES[args.dtype], net=args.net,
+                                    loss=args.loss)
+        except ValueError as exc:
+            print(f"{PROG}: error: dataset {args.dataset!r}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        where = f"work-precision n={n} C={c} seed={s}"
+        tell = None if progress is None else (lambda line, where=where: progress(f"{where}: {line}"))
+        result = work_precision.run_work_precision(problem, args.target, dataset=args.dataset, cache_dir=cache,
+                                                   quick=args.wp_quick, families=args.wp_methods,
+                                                   max_seconds=args.wp_max_seconds, progress=tell)
+        results.append(result)
+        print(work_precision.format_work_precision(result))
+        print()
+        if args.json is not None:  # rewritten after each point, so a long sweep keeps what it finished
+            record = {"configuration": {"argv": list(sys.argv[1:] if argv is None else argv),
+                                        "dataset": args.dataset, "target": args.target, "net": args.net,
+                                        "loss": args.loss, "threads": torch.get_num_threads(),
+                                        "quick": args.wp_quick, "max_seconds": args.wp_max_seconds},
+                      "points": results}
+            write_json(args.json, record)
+    if args.plot is not None:
+        work_precision.write_plot(args.plot, results)
+    return 0
+
+
 def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    if args.work_precision:
+        return _work_precision(args, argv)
     try:
         points = run_suite(args)
     except (DataError, PeerMissingError, CheckpointError, FileExistsError) as exc:

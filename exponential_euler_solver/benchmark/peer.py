@@ -165,7 +165,7 @@ class PeerSolver:
         module = import_peer()
         spec = PEER_SOLVERS[solver]
         self.name = solver
-        self.arguments = SOLVERS[solver].arguments(problem.n_classes)
+        self.arguments = SOLVERS[solver].arguments_for(problem.n_classes, problem.loss)
         self.label = SOLVERS[solver].label
         self._width = spec.block_width(problem.n_classes)
         data = problem.loss_func.dataset

@@ -90,12 +90,40 @@ DETAIL_COLUMNS = RUN_COLUMNS + [
     Column("Rejections", lambda r: r.n_rejected),
     Column("Gradient evals", lambda r: r.n_grad),
     Column("HVPs", lambda r: r.n_hvp),
+    Column("Grads/step", lambda r: _fmt(r.grad_per_step, ".2f")),
     Column("HVPs/step", lambda r: _fmt(r.hvp_per_step, ".1f")),
     Column("Flow time at target", lambda r: _fmt(r.t_target, ".5g")),
     Column("Final loss", lambda r: _fmt(r.final_loss, ".4g")),
     Column("Monotone", lambda r: "yes" if r.strictly_decreasing else "no"),
     Column("Wall time (s)", _time_cell),
+    Column("In grads (s)", lambda r: _split(r, "grad")),
+    Column("In HVPs (s)", lambda r: _split(r, "hvp")),
+    Column("Eigensolver (s)", lambda r: _split(r, "eig")),
+    Column("Other (s)", lambda r: _split(r, "other")),
 ]
+
+
+def _split(r: RunResult, part: str) -> str:
+    split = r.time_split
+    return "-" if split is None else f"{split[part]:.2f}"
+
+
+def _scheme_lines(results: Sequence[RunResult]) -> list:
+    """When a grid ran a solver with both schemes (``X`` and ``X-heun``), the wall time of the present (heun)
+    scheme over the multistep one per grid point and its geometric mean."""
+    by_key = {(r.n_train, r.n_classes, r.seed, r.solver): r for r in results}
+    lines = []
+    for name in dict.fromkeys(r.solver for r in results):
+        ratios = []
+        for (n, c, s, solver), r in by_key.items():
+            heun = by_key.get((n, c, s, f"{name}-heun"))
+            if solver == name and heun is not None and r.wall_time > 0:
+                ratios.append((n, c, s, heun.wall_time / r.wall_time))
+        if ratios:
+            mean = math.exp(sum(math.log(x[3]) for x in ratios) / len(ratios))
+            lines.append(f"{name}: heun / multistep wall " + ", ".join(f"n={n} C={c}: {x:.2f}" for n, c, s, x in ratios)
+                         + f"; geometric mean {mean:.2f}")
+    return lines
 
 
 def format_tables(results: Sequence[RunResult], tablefmt: str = "simple") -> str:
@@ -118,6 +146,9 @@ def format_tables(results: Sequence[RunResult], tablefmt: str = "simple") -> str
         columns.append(Column("Seed", lambda p: p[0][2]))
     columns += [Column(f"{labels[name]} Time", lambda p, name=name: _time_cell(p[1].get(name))) for name in solvers]
     parts = [render(columns, list(by_point.items()), tablefmt), "", render(DETAIL_COLUMNS, results, tablefmt)]
+    schemes = _scheme_lines(results)
+    if schemes:
+        parts += ["", "The present scheme against the multistep one, in this run:"] + [f"  {line}" for line in schemes]
     failed = [r for r in results if not r.converged]
     if failed:
         parts += ["", f"{NOT_CONVERGED_MARK} did not reach the target:"]

@@ -121,6 +121,21 @@ class RunResult:
     def grad_per_step(self) -> Optional[float]:
         return self.n_grad / self.steps if self.steps else None
 
+    def _last(self, column: str) -> Optional[float]:
+        if not len(self.history):
+            return None
+        value = self.history.rows()[-1].get(column)
+        return None if value is None else float(value)
+
+    @property
+    def time_split(self) -> Optional[Dict[str, float]]:
+        """Seconds of the run in gradients, in curvature products (HVPs), in the eigensolver's own block work and
+        in everything else (the wall time less those three); None when the steps were not timed."""
+        grad, hvp, eig = (self._last(name) for name in ("time_grad", "time_hvp", "time_eig"))
+        if grad is None or hvp is None or eig is None:
+            return None
+        return {"grad": grad, "hvp": hvp, "eig": eig, "other": self.wall_time - grad - hvp - eig}
+
     def to_dict(self) -> dict:
         """Plain JSON-ready data: every field, ``hvp_per_step``, ``first_step_hvp`` and the history as a list of
         per-step dicts (:meth:`~exponential_euler_solver.Trajectory.rows`)."""
@@ -128,6 +143,8 @@ class RunResult:
         out["fidelity"] = None if self.fidelity is None else asdict(self.fidelity)
         out["hvp_per_step"] = self.hvp_per_step
         out["first_step_hvp"] = self.first_step_hvp
+        out["grad_per_step"] = self.grad_per_step
+        out["time_split"] = self.time_split
         out["history"] = self.history.rows()
         return out
 
@@ -138,7 +155,8 @@ class RunResult:
         Raises:
             KeyError, TypeError: ``data`` is not shaped like :meth:`to_dict`'s output.
         """
-        data = {k: v for k, v in data.items() if k not in ("hvp_per_step", "first_step_hvp")}
+        data = {k: v for k, v in data.items()
+                if k not in ("hvp_per_step", "first_step_hvp", "grad_per_step", "time_split")}
         data["history"] = Trajectory.from_rows(data.get("history", []))
         if data.get("fidelity") is not None:
             data["fidelity"] = FidelityResult.from_dict(data["fidelity"])

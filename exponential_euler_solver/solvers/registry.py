@@ -3,7 +3,6 @@ with stable-solvers and its fidelity harness read. Adding a solver is one module
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict
 
@@ -41,8 +40,7 @@ class SolverEntry:
         label: the name used in tables and plots (``"Exponential Euler"``).
         cls: the solver class, called as ``cls(params, loss_func, **arguments(n_classes, loss))``.
         arguments: the keyword arguments of the seed benchmark for a problem with ``n_classes`` classes and the
-            loss kind ``loss`` (one of :data:`LOSS_KINDS`, default ``"ce"``): ``arguments(n_classes, loss)``. A
-            callable of ``n_classes`` alone is read as written for cross-entropy (see :meth:`arguments_for`).
+            loss kind ``loss`` (one of :data:`LOSS_KINDS`): ``arguments(n_classes, loss)``.
         in_default_grid: whether the benchmark runs it when no ``--solvers`` are given.
     """
 
@@ -52,24 +50,13 @@ class SolverEntry:
     in_default_grid: bool = True
 
     def arguments_for(self, n_classes: int, loss: str = "ce") -> Dict[str, object]:
-        """``arguments(n_classes, loss)``; an entry whose ``arguments`` take ``n_classes`` alone was written for
-        cross-entropy and is called so for ``loss="ce"``.
+        """``arguments(n_classes, loss)``.
 
         Raises:
-            ValueError: ``loss`` is not one of :data:`LOSS_KINDS`, or is not ``"ce"`` for an entry whose
-                ``arguments`` take ``n_classes`` alone.
+            ValueError: ``loss`` is not one of :data:`LOSS_KINDS`.
         """
         if loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}; got {loss!r}")
-        try:
-            inspect.signature(self.arguments).bind(n_classes, loss)
-        except TypeError:
-            if loss != "ce":
-                raise ValueError(f"the {self.label} solver's arguments take the number of classes only (cross-entropy);"
-                                 f" got loss {loss!r}") from None
-            return self.arguments(n_classes)
-        except ValueError:  # no signature (a builtin): assume the two-argument form
-            pass
         return self.arguments(n_classes, loss)
 
     def build(self, params, loss_func, n_classes: int, loss: str = "ce"):
@@ -87,8 +74,18 @@ def _adaptive_arguments(n_classes: int, loss: str = "ce") -> Dict[str, object]:
     return {"lr": 0.01, "warmup_iters": 10, "warmup_factor": 0.01}
 
 
-#: Solver name -> how to build it, with the seed benchmark's arguments.
+def _heun(arguments: Callable[..., Dict[str, object]]) -> Callable[..., Dict[str, object]]:
+    return lambda n_classes, loss="ce": {**arguments(n_classes, loss), "scheme": "heun"}
+
+
+#: Solver name -> how to build it, with the seed benchmark's arguments. The ``-heun`` entries are the same solvers
+#: with the exponential-Heun scheme they used before the multistep scheme (``--solvers ... exponential-euler-heun
+#: adaptive-heun`` compares the two in one run).
 SOLVERS: Dict[str, SolverEntry] = {
     "exponential-euler": SolverEntry("Exponential Euler", ExponentialEulerSolver, _exponential_euler_arguments),
     "adaptive": SolverEntry("Adaptive Gradient", AdaptiveGradientDescent, _adaptive_arguments),
+    "exponential-euler-heun": SolverEntry("Exponential Euler (heun)", ExponentialEulerSolver,
+                                          _heun(_exponential_euler_arguments), in_default_grid=False),
+    "adaptive-heun": SolverEntry("Adaptive Gradient (heun)", AdaptiveGradientDescent, _heun(_adaptive_arguments),
+                                 in_default_grid=False),
 }
