@@ -96,11 +96,27 @@ DETAIL_COLUMNS = RUN_COLUMNS + [
     Column("Final loss", lambda r: _fmt(r.final_loss, ".4g")),
     Column("Monotone", lambda r: "yes" if r.strictly_decreasing else "no"),
     Column("Wall time (s)", _time_cell),
+    Column("Wall/(grads+HVPs)", lambda r: _fmt(_over_products(r), ".2f")),
+    Column("Wall/floor", lambda r: _fmt(_over_floor(r), ".2f")),
     Column("In grads (s)", lambda r: _split(r, "grad")),
     Column("In HVPs (s)", lambda r: _split(r, "hvp")),
     Column("Eigensolver (s)", lambda r: _split(r, "eig")),
     Column("Other (s)", lambda r: _split(r, "other")),
 ]
+
+
+def _over_products(r: RunResult) -> Optional[float]:
+    """Wall over the time of the run's gradients and HVPs, both timed in the run itself."""
+    split = r.time_split
+    return None if split is None else _ratio(r.wall_time, split["grad"] + split["hvp"])
+
+
+def _over_floor(r: RunResult) -> Optional[float]:
+    """Wall over the floor: accepted steps x one gradient, the gradient's time being the run's mean."""
+    split = r.time_split
+    if split is None or not r.n_grad:
+        return None
+    return _ratio(r.wall_time, r.steps * split["grad"] / r.n_grad)
 
 
 def _split(r: RunResult, part: str) -> str:
