@@ -14,6 +14,7 @@ This module uses nothing of the library but its exceptions, so the loss wrapper 
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -133,6 +134,7 @@ class DataParallel:
         bytes_all_reduced: bytes this process has contributed to all-reduces so far (payload only: the element
             count times the element size of each reduced buffer, not the transport's own traffic).
         n_all_reduces: number of all-reduce calls so far.
+        all_reduce_seconds: wall-clock seconds spent in them (waiting for the slowest rank included).
 
     Raises:
         RuntimeError: no default process group is initialised.
@@ -147,9 +149,12 @@ class DataParallel:
         self.shard = shard_range(n_examples, self.rank, self.world_size)
         self.bytes_all_reduced = 0
         self.n_all_reduces = 0
+        self.all_reduce_seconds = 0.0
 
     def _all_reduce(self, buffer: Tensor, op) -> Tensor:
+        start = time.perf_counter()
         dist.all_reduce(buffer, op=op)
+        self.all_reduce_seconds += time.perf_counter() - start
         self.bytes_all_reduced += buffer.numel() * buffer.element_size()
         self.n_all_reduces += 1
         return buffer
