@@ -224,10 +224,10 @@ def _counting(mp):
             counted[current[0]]["grad"] += 1
         return gradient(self, params)
 
-    def counting_matmat(self, X):
+    def counting_matmat(self, X, *out):
         if current[0] is not None:
             counted[current[0]]["hvp"] += X.shape[1]
-        return matmat(self, X)
+        return matmat(self, X, *out)
 
     def counting_step(self):
         report = step(self)

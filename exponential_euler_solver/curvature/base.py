@@ -7,6 +7,8 @@ An operator knows its ``shape``, ``dtype``, ``device``, whether it is ``symmetri
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -49,25 +51,36 @@ class LinearOperator:
         self.seconds = 0.0
 
     def _matmat(self, X: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``A @ X`` for a block ``X`` ``(n, m)``, ``m >= 1``."""
         raise NotImplementedError
 
-    def matmat(self, X: Tensor) -> Tensor:
-        """``A @ X`` for ``X`` of shape ``(n,)`` or ``(n, m)``.
+    def _matmat_into(self, X: Tensor, out: Tensor) -> Tensor:
+        """``A @ X`` written into ``out`` (by default computed, then copied; operators that can accumulate in
+        place override this)."""
+        return out.copy_(self._matmat(X))
+
+    def matmat(self, X: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``A @ X`` for ``X`` of shape ``(n,)`` or ``(n, m)``, written into ``out`` (same shape) when given.
 
         Raises:
-            ValueError: ``X`` has another shape.
+            ValueError: ``X`` or ``out`` has another shape.
         """
         if X.ndim not in (1, 2) or X.shape[0] != self.shape[0]:
             raise ValueError(f"X must have shape ({self.shape[0]},) or ({self.shape[0]}, m); got {tuple(X.shape)}")
+        if out is not None and out.shape != X.shape:
+            raise ValueError(f"out must have the shape of X, {tuple(X.shape)}; got {tuple(out.shape)}")
         single = X.ndim == 1
         block = X.unsqueeze(1) if single else X
         if block.shape[1] == 0:
-            return block.clone()
+            return block.clone() if out is None else out
         start = clock(self.device)
-        out = self._matmat(block)
+        if out is None:
+            result = self._matmat(block)
+        else:
+            result = self._matmat_into(block, out.unsqueeze(1) if single else out)
         self.seconds += clock(self.device) - start
         self.n_products += block.shape[1]
-        return out[:, 0] if single else out
+        return result[:, 0] if single else result
 
     __matmul__ = matmat
 
@@ -124,10 +137,21 @@ class LossOperator(LinearOperator):
         """Add this batch's contribution to ``A @ block`` into ``out``."""
         raise NotImplementedError
 
-    def _matmat(self, X: Tensor) -> Tensor:
+    def _matmat(self, X: Tensor, out: Optional[Tensor] = None) -> Tensor:
         block = X.to(dtype=self.dtype)
         params = self.params.detach()
-        out = torch.zeros_like(block)
+        if out is None:
+            # One column per vector, each contiguous (the (m, P) storage seen as (P, m)): the per-column products
+            # write in place without strides, and callers that keep vectors as rows (the eigensolvers) take out.T
+            # without a copy.
+            out = torch.zeros(block.shape[1], block.shape[0], dtype=block.dtype, device=block.device).T
+        else:
+            out.zero_()
         for batch in self.loss.batches(params.device):
             self._batch_matmat(params, batch, block, out)
-        return self.loss.reduce(out)[0]
+        if self.loss.data_parallel is None:
+            return out
+        return out.copy_(self.loss.reduce(out)[0])
+
+    def _matmat_into(self, X: Tensor, out: Tensor) -> Tensor:
+        return self._matmat(X, out)

@@ -93,7 +93,7 @@ class LOBPCG:
         self.S = X.new_empty(3 * b, n)
         self.AS = X.new_empty(3 * b, n)
         self.S[:b] = X.T
-        self.AS[:b] = operator.matmat(X).T
+        operator.matmat(self.S[:b].T, out=self.AS[:b].T)
         self.products = b
         self.iterations = 0
         self.theta: Optional[Tensor] = None
@@ -133,7 +133,7 @@ class LOBPCG:
         self._m = lo + idx.numel()
         self.S[lo:self._m] = self._R[idx] / self.rnorm[idx].to(self.dtype)[:, None]
         self._R = None
-        self.AS[lo:self._m] = self.operator.matmat(self.S[lo:self._m].T).T
+        self.operator.matmat(self.S[lo:self._m].T, out=self.AS[lo:self._m].T)
         self.products += self._m - lo
 
     def run(self, max_iters: int) -> "LOBPCG":
