@@ -83,7 +83,7 @@ from .cli import DTYPES, _check_output_path, _default_device, _float_in, _n_clas
 from .datasets import DATASETS, load_dataset, select_subset
 from .problem import DEFAULT_WIDTHS, LOSS_KINDS, NETWORKS, build_problem
 from .report import PLOT_MISSING
-from .suite import DEFAULT_MAX_STEPS, GRADIENT_REPEATS, gradient_seconds
+from .suite import DEFAULT_MAX_STEPS, GRADIENT_REPEATS, gradient_seconds, warm_up
 
 __all__ = ["PROG", "DEFAULT_N_TRAIN", "DEFAULT_N_CLASSES", "DEFAULT_WIDTHS_SERIES", "DEFAULT_WIDTH_N_TRAIN",
            "DEFAULT_WIDTH_CLASSES", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_SECONDS", "DEFAULT_DATASET", "MEMORY_MEASURED",
@@ -189,6 +189,7 @@ def measure_run(X, y, size: Size, solver: str, *, target: float, max_seconds: fl
     batch = min(size.n_train, batch_size)
     problem = build_problem(X, y, size.n_train, size.n_classes, seed, device=device, dtype=dtype, net=net,
                             loss=loss, width=size.width, batch_size=batch)
+    warm_up(problem.loss_func, problem.init_params)
     t_grad = gradient_seconds(problem.loss_func, problem.init_params, gradient_repeats)
     arguments = entry.arguments_for(size.n_classes, loss)
     instance = entry.build(problem.init_params.clone(), problem.loss_func, size.n_classes, loss)

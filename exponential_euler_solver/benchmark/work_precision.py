@@ -46,7 +46,7 @@ from ..solvers import SOLVERS, GradientDescent, RungeKutta4Solver
 from ..trajectory import Trajectory
 from .peer import PEER_SOLVERS, PeerSolver, import_peer
 from .problem import Problem
-from .suite import REFERENCE_MAX_STEP, gradient_seconds
+from .suite import REFERENCE_MAX_STEP, gradient_seconds, warm_up
 
 __all__ = ["WPMethod", "WPPoint", "methods", "run_work_precision", "format_work_precision", "write_plot",
            "load_or_compute_reference", "UNCAPPED_STEP", "DEFAULT_MAX_SECONDS"]
@@ -260,6 +260,7 @@ def run_work_precision(problem: Problem, target: float, *, dataset: str, cache_d
         families: run only the families whose name starts with one of these (None: all).
     """
     tell = progress or (lambda line: None)
+    warm_up(problem.loss_func, problem.init_params)
     t_grad = gradient_seconds(problem.loss_func, problem.init_params)
     op = HessianOperator(problem.loss_func, problem.init_params)
     lambda1 = abs(float(top_eigenpairs(op, 1, tol=1e-3, generator=torch.Generator().manual_seed(0)).eigenvalues[0]))
