@@ -211,3 +211,23 @@ def test_a_multistep_checkpoint_resumes_bit_identically(mlp, tmp_path):
     assert torch.equal(a.params, b.params)
     with pytest.raises(CheckpointError, match="scheme='multistep'"):
         euler.resume(path, euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2, scheme="heun"))
+
+
+def test_a_rejection_refreshes_only_when_the_curvature_looks_stale(mlp):
+    loss, p0 = mlp
+    solver = euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2)
+    integrate(solver, Stop(steps=3))
+    assert solver.tracker.age > 0
+    n = solver.tracker.n_refreshes
+    solver._on_reject(True, True, 2.0)  # the error a little over the tolerance: the step size alone is cut
+    assert solver.tracker.n_refreshes == n
+    solver._on_reject(True, False, 0.5)  # the loss rose: stale curvature, refreshed
+    assert solver.tracker.n_refreshes == n + 1 and solver.tracker.age == 0
+    integrate(solver, Stop(steps=5))
+    solver._on_reject(True, True, 10.0)  # far over the tolerance: refreshed
+    assert solver.tracker.n_refreshes == n + 2
+    heun = euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2, scheme="heun")
+    integrate(heun, Stop(steps=3))
+    m = heun.tracker.n_refreshes
+    heun._on_reject(True, True, 2.0)  # the heun scheme refreshes on any rejection of older pairs
+    assert heun.tracker.n_refreshes == m + 1

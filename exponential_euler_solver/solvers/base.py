@@ -24,8 +24,10 @@ and may override:
 ``_prepare()``
     Gather the curvature the step needs at the current point (may cost Hessian-vector products; add them to
     ``n_hvp``). Called once per step, before the first proposal.
-``_on_reject()``
-    Called after each rejection, before the retry (e.g. refresh stale curvature); the cap is re-read after it.
+``_on_reject(finite, decreased, ratio)``
+    Called after each rejection, before the retry, with why the candidate failed (its loss or gradient was not
+    finite; it did not decrease the loss; its error ratio): e.g. to refresh stale curvature. The cap is re-read
+    after it.
 ``_on_accept(dt, proposal, new_grad)``
     Called once the candidate is accepted, before ``params`` and the cached gradient move to it: the place to
     keep what a multistep method needs from this step.
@@ -262,7 +264,7 @@ class Solver:
     def _error_norm(self, dt: float, proposal: Proposal, new_grad: Tensor) -> Optional[float]:
         return None
 
-    def _on_reject(self) -> None:
+    def _on_reject(self, finite: bool, decreased: bool, ratio: Optional[float]) -> None:
         pass
 
     def _on_accept(self, dt: float, proposal: Proposal, new_grad: Tensor) -> None:
@@ -384,7 +386,7 @@ class Solver:
                     f"candidate losses {', '.join(f'{v:.6g}' for v in tried[-5:])})",
                     step=self.n_steps, t=self.t, losses=tried)
             dt = self.controller.retry(dt, ratio, finite=finite, decreased=decreased, error_order=proposal.error_order)
-            self._on_reject()
+            self._on_reject(finite, decreased, ratio)
             dt = min(dt, self._max_dt())  # a refresh on rejection may have lowered the stability cap
         self._on_accept(dt, proposal, new_grad)
         with torch.no_grad():

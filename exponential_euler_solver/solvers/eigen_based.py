@@ -94,7 +94,7 @@ class EigenSolverBase(Solver):
         if self._refresh_due():
             self._refresh()
 
-    def _on_reject(self) -> None:
+    def _on_reject(self, finite: bool, decreased: bool, ratio: Optional[float]) -> None:
         if self.tracker.age > 0:
             self._refresh()
 
