@@ -56,9 +56,6 @@ class EigenSolverBase(Solver):
         if max_eig_age is None:
             max_eig_age = 1 if self.rtol is None else self._default_max_eig_age()
         self.max_eig_age = positive_int("max_eig_age", max_eig_age)
-        self._stale = False  # set by a method that sees evidence of stale eigenpairs: refresh before the next step
-        self.refresh_loss_factor: Optional[float] = None  # refresh once the loss fell by this factor (experimental)
-        self._refresh_loss: Optional[float] = None  # the loss at the last refresh
         self.tracker = EigenTracker(n_pairs, tol=positive_float("eig_tol", eig_tol),
                                     max_iters=non_negative_int("eig_max_iters", eig_max_iters), seed=seed,
                                     curvature=curvature)
@@ -80,15 +77,10 @@ class EigenSolverBase(Solver):
 
     def _refresh(self) -> None:
         self.n_hvp += self.tracker.refresh(self.loss, self.params)
-        self._stale = False
-        self._refresh_loss = self._loss_value
 
     def _refresh_due(self) -> bool:
-        """Whether the eigenpairs are to be refreshed before this step: none yet, ``max_eig_age`` steps old, or
-        marked stale by the method."""
-        fell = (self.refresh_loss_factor is not None and self._refresh_loss is not None
-                and self._loss_value * self.refresh_loss_factor <= self._refresh_loss)
-        return self.tracker.vectors is None or self.tracker.age >= self.max_eig_age or self._stale or fell
+        """Whether the eigenpairs are to be refreshed before this step: none yet, or ``max_eig_age`` steps old."""
+        return self.tracker.vectors is None or self.tracker.age >= self.max_eig_age
 
     def _prepare(self) -> None:
         if self._refresh_due():
@@ -105,8 +97,7 @@ class EigenSolverBase(Solver):
         return report
 
     def _method_state(self) -> dict:
-        return {"tracker": self.tracker.state_dict(), "stale": self._stale}
+        return {"tracker": self.tracker.state_dict()}
 
     def _load_method_state(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"], self.params)
-        self._stale = bool(state.get("stale", False))

@@ -50,7 +50,7 @@ DEFAULT_EIG_MAX_ITERS = {"multistep": 1, "heun": 20}
 DEFAULT_STABILITY_FRACTION = 0.8
 # With the multistep scheme, eigenpairs age only while the stability cap binds (a refresh could then lengthen the
 # steps); otherwise (max_step_size or the error binds) they are refreshed after this many times max_eig_age steps,
-# on a rejection, or when the method marks them stale.
+# or after a rejection that looks like stale curvature (STALE_RATIO).
 MULTISTEP_AGE_BACKSTOP = 10
 # Capped steps between refreshes under the multistep scheme (both solvers). Measured on the digits (2 threads):
 # adaptive gradient descent with 20 instead of 10 took 7.3 s instead of 8.5 s at 64x4, 13.4 s instead of 15.1 s
@@ -170,12 +170,8 @@ class SplitSteps:
         if self.scheme == "multistep" and self.rtol is not None and self._history is not None:
             return self._etd2(dt)
         delta, predicted = self._plain(dt)
-        if (self.scheme == "heun" and self.corrector) or (self.scheme == "multistep" and self.rtol is not None
-                                                          and getattr(self, "_start_heun", False)):
-            proposal = self._heun(dt, delta, predicted)
-            if self.scheme == "multistep":
-                proposal.error_order = 1
-            return proposal
+        if self.scheme == "heun" and self.corrector:
+            return self._heun(dt, delta, predicted)
         return Proposal(delta=delta, cache={"kind": "plain", "predicted": predicted},
                         error_order=1 if self.scheme == "multistep" else None)
 
@@ -235,6 +231,14 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
     """:class:`SplitSteps` with the eigenpairs tracked along the trajectory and the explicit part's cap
     ``dt <= min(s * step_limit, c / |lambda_{k+1}|)`` (``s`` the warmup factor, ``c`` the ``stability_fraction``:
     1 for the one-step schemes, whose explicit part is an Euler step).
+
+    Eigenpairs: under ``"heun"`` (and the plain rule) they are refreshed every ``max_eig_age`` accepted steps and
+    after any rejection of a step that used older ones (:class:`~.eigen_based.EigenSolverBase`). Under
+    ``"multistep"`` they age only while the stability cap binds, since only then can fresh (usually smaller)
+    eigenvalues lengthen the steps: a refresh after ``max_eig_age`` capped steps (default
+    :data:`MULTISTEP_MAX_EIG_AGE`), after :data:`MULTISTEP_AGE_BACKSTOP` times as many steps in all, and after a
+    rejection that looks like stale curvature (the loss rose or was not finite, or the error ratio exceeded
+    :data:`STALE_RATIO`).
 
     Subclasses give the user's step limit through :meth:`_step_limit` and the report through
     :meth:`_report_extras`.
@@ -317,7 +321,7 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
     def _refresh_due(self) -> bool:
         if self.scheme != "multistep" or self.rtol is None or self.tracker.vectors is None:
             return super()._refresh_due()
-        return (self._stale or self._capped_age >= self.max_eig_age
+        return (self._capped_age >= self.max_eig_age
                 or self.tracker.age >= MULTISTEP_AGE_BACKSTOP * self.max_eig_age)
 
     def _refresh(self) -> None:
