@@ -122,7 +122,7 @@ def test_checkpointing_changes_no_number(uninterrupted):
     state = load_checkpoint(uninterrupted["checkpoint"])
     extra = state["extra"]
     assert extra["config"] == {"n_train": [16], "n_classes": [2], "seeds": [0], "target": 0.3,
-                               "solvers": ["exponential-euler", "adaptive"], "max_steps": 100_000,
+                               "solvers": ["exponential-euler", "adaptive"], "max_steps": 100_000, "max_seconds": None,
                                "net": "mlp", "loss": "ce", "dataset": "digits", "dtype": "float32", "device": "cpu"}
     assert extra["current"]["done"] and extra["current"]["solver"] == "adaptive"
     assert [r["solver"] for r in extra["finished"]] == ["exponential-euler", "adaptive"]

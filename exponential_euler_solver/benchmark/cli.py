@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"solvers to run (default: {' '.join(default_solvers)})")
     grid.add_argument("--max-steps", type=_positive_int, default=DEFAULT_MAX_STEPS,
                       help=f"accepted steps after which a run stops, not converged (default: {DEFAULT_MAX_STEPS})")
+    grid.add_argument("--max-seconds", type=_positive_seconds, default=None, metavar="S",
+                      help="seconds of stepping after which one of our runs stops, not converged (checked between "
+                      "steps; default: none)")
     grid.add_argument("--net", choices=NETWORKS, default="mlp",
                       help="network: mlp, the seed's 6-layer ELU MLP (3072 -> 512 x5 -> C); cnn, 2 x [3x3 conv of 32 "
                       "channels, ELU, 2x2 average pooling], then linear to C (Cohen et al. 2021's cnn-avgpool-elu) "
@@ -300,7 +303,7 @@ def run_suite(args: Optional[argparse.Namespace] = None, **kwargs) -> List[Point
     try:
         return run_points(X, y, n_train=ns["n_train"], n_classes=ns["n_classes"], seeds=ns["seeds"],
                           solvers=ns["solvers"], target=ns["target"], device=ns["device"], dtype=dtype,
-                          max_steps=ns["max_steps"], quiet=quiet, compare=ns["compare"],
+                          max_steps=ns["max_steps"], max_seconds=ns["max_seconds"], quiet=quiet, compare=ns["compare"],
                           compare_max_seconds=ns["compare_max_seconds"], fidelity=ns["fidelity"],
                           progress=progress, checkpoint=checkpoint, net=ns["net"], loss=ns["loss"])
     except DataError as exc:
@@ -318,13 +321,14 @@ def grid_config(ns: dict) -> dict:
     dtype = ns["dtype"] if isinstance(ns["dtype"], str) else str(ns["dtype"]).replace("torch.", "")
     return {"n_train": [int(v) for v in ns["n_train"]], "n_classes": [int(v) for v in ns["n_classes"]],
             "seeds": [int(v) for v in ns["seeds"]], "target": float(ns["target"]), "solvers": list(ns["solvers"]),
-            "max_steps": int(ns["max_steps"]), "net": str(ns["net"]), "loss": str(ns["loss"]),
+            "max_steps": int(ns["max_steps"]), "max_seconds": ns["max_seconds"], "net": str(ns["net"]),
+            "loss": str(ns["loss"]),
             "dataset": str(ns["dataset"]), "dtype": dtype,
             "device": torch.device(ns["device"] or _default_device()).type}
 
 
 #: Configuration keys added after grid checkpoints were first written, with the value those checkpoints ran with.
-_CONFIG_DEFAULTS = {"net": "mlp", "loss": "ce"}
+_CONFIG_DEFAULTS = {"net": "mlp", "loss": "ce", "max_seconds": None}
 
 
 def _grid_checkpoint(ns: dict) -> Optional[GridCheckpoint]:

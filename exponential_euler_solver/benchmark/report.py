@@ -23,7 +23,7 @@ from ..distributed import get_world_size
 from ..files import atomic_write
 from ..solvers import SOLVERS
 from .peer import DEFAULT_MAX_SECONDS, HVP_COUNTING, PEER_PACKAGE, peer_version
-from .results import PointResult, RunResult
+from .results import IMPLEMENTATION, PointResult, RunResult
 
 __all__ = ["Column", "render", "format_tables", "format_comparison", "format_fidelity", "geometric_mean_ratio",
            "benchmark_record", "write_json", "write_plot", "NOT_CONVERGED_MARK", "PLOT_MISSING",
@@ -71,7 +71,7 @@ def _stopped(r: RunResult) -> str:
     if r.error:
         return r.error
     if r.stop_reason == "max_seconds":
-        return "stopped by --compare-max-seconds"
+        return "stopped by --max-seconds" if r.implementation == IMPLEMENTATION else "stopped by --compare-max-seconds"
     return f"stopped after --max-steps {r.steps} steps"
 
 

@@ -265,8 +265,8 @@ def check_grid(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
 
 def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Sequence[int], seeds: Sequence[int],
                solvers: Sequence[str], target: float, device="cpu", dtype: torch.dtype = torch.float32,
-               max_steps: int = DEFAULT_MAX_STEPS, quiet: bool = False, compare: bool = False,
-               compare_max_seconds: float = DEFAULT_MAX_SECONDS, fidelity: bool = False,
+               max_steps: int = DEFAULT_MAX_STEPS, max_seconds: Optional[float] = None, quiet: bool = False,
+               compare: bool = False, compare_max_seconds: float = DEFAULT_MAX_SECONDS, fidelity: bool = False,
                progress: Optional[Callable[[str], None]] = None,
                checkpoint: Optional[GridCheckpoint] = None, net: str = "mlp", loss: str = "ce") -> List[PointResult]:
     """Every solver on every grid point (see the module docstring), in the order n_train, n_classes, seed,
@@ -318,7 +318,8 @@ def run_points(X: Tensor, y: Tensor, *, n_train: Sequence[int], n_classes: Seque
             if saved.get(name) is not None:
                 point.runs.append(saved[name])
                 continue
-            point.runs.append(run_solver(problem, name, target, checkpoint=checkpoint, **common))
+            point.runs.append(run_solver(problem, name, target, checkpoint=checkpoint, max_seconds=max_seconds,
+                                         **common))
             if compare and name in PEER_SOLVERS:
                 point.peer_runs.append(run_peer(problem, name, target, max_seconds=compare_max_seconds, **common))
         results.append(point)
