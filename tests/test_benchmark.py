@@ -358,6 +358,15 @@ def test_tiny_grid_tables(tiny_run):
         assert d["Final loss"] == f"{run['final_loss']:.4g}"
         assert d["Monotone"] == "yes"
         assert d["Wall time (s)"] == f"{run['wall_time']:.3f}"
+    # the regime: |lambda_1 / lambda_{k+1}| of the eigenvalues the first and the last step used (exponential
+    # Euler tracks k + 1 = 2 pairs at 2 classes; adaptive gradient descent one, so no ratio)
+    ee, ad = record["runs"]
+    first, last = ee["history"][0]["eigenvalues"], ee["history"][-1]["eigenvalues"]
+    assert len(first) == 2 and abs(first[0]) >= abs(first[1]) > 0
+    expected = [abs(first[0] / first[1]), abs(last[0] / last[1])]
+    assert ee["stiffness"] == pytest.approx(expected, rel=1e-12)
+    assert details[0]["|l1/l(k+1)| first, last"] == "%.1f, %.1f" % tuple(expected)
+    assert ad["stiffness"] is None and details[1]["|l1/l(k+1)| first, last"] == "-"
 
 
 def test_tiny_grid_counts_match_independent_counts(tiny_run):

@@ -93,6 +93,7 @@ DETAIL_COLUMNS = RUN_COLUMNS + [
     Column("Grads/step", lambda r: _fmt(r.grad_per_step, ".2f")),
     Column("HVPs/step", lambda r: _fmt(r.hvp_per_step, ".1f")),
     Column("Flow time at target", lambda r: _fmt(r.t_target, ".5g")),
+    Column("|l1/l(k+1)| first, last", lambda r: "-" if r.stiffness is None else "%.1f, %.1f" % r.stiffness),
     Column("Final loss", lambda r: _fmt(r.final_loss, ".4g")),
     Column("Monotone", lambda r: "yes" if r.strictly_decreasing else "no"),
     Column("Wall time (s)", _time_cell),

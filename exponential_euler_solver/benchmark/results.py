@@ -7,6 +7,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -128,6 +129,21 @@ class RunResult:
         return None if value is None else float(value)
 
     @property
+    def stiffness(self) -> Optional[tuple[float, float]]:
+        """``|lambda_1| / |lambda_{k+1}|`` at the first and at the last accepted step: the gain in step size that
+        integrating the ``k`` tracked directions exactly buys over gradient descent's ``1/|lambda_1|`` (near 1:
+        no spectral gap, the smooth regime; large: the stiff regime). Runs of solvers that track more than one
+        eigenpair (exponential Euler) only; None otherwise."""
+        rows = [row["eigenvalues"] for row in self.history.rows() if row["eigenvalues"]]
+        if not rows or len(rows[0]) < 2:
+            return None
+
+        def ratio(ev):
+            return abs(ev[0]) / abs(ev[-1]) if ev[-1] else math.inf
+
+        return ratio(rows[0]), ratio(rows[-1])
+
+    @property
     def time_split(self) -> Optional[Dict[str, float]]:
         """Seconds of the run in gradients, in curvature products (HVPs), in the eigensolver's own block work and
         in everything else (the wall time less those three); None when the steps were not timed."""
@@ -137,14 +153,16 @@ class RunResult:
         return {"grad": grad, "hvp": hvp, "eig": eig, "other": self.wall_time - grad - hvp - eig}
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready data: every field, ``hvp_per_step``, ``first_step_hvp`` and the history as a list of
-        per-step dicts (:meth:`~exponential_euler_solver.Trajectory.rows`)."""
+        """Plain JSON-ready data: every field, ``hvp_per_step``, ``first_step_hvp``, ``stiffness`` and the history
+        as a list of per-step dicts (:meth:`~exponential_euler_solver.Trajectory.rows`)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("history", "fidelity")}
         out["fidelity"] = None if self.fidelity is None else asdict(self.fidelity)
         out["hvp_per_step"] = self.hvp_per_step
         out["first_step_hvp"] = self.first_step_hvp
         out["grad_per_step"] = self.grad_per_step
         out["time_split"] = self.time_split
+        stiffness = self.stiffness
+        out["stiffness"] = None if stiffness is None else list(stiffness)
         out["history"] = self.history.rows()
         return out
 
