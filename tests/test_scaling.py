@@ -313,3 +313,18 @@ def test_help_documents_the_command(capsys):
                  "--dataset", "--json", "--plot", "--quiet", "default: photos", "default: 900"):
         assert text in out, text
     assert math.isclose(scaling.DEFAULT_MAX_SECONDS, 900.0)
+
+
+def test_benchmark_scaling_option_runs_this_command(capsys, monkeypatch):
+    """``python -m exponential_euler_solver.benchmark --scaling ...`` hands the other arguments to this command."""
+    from exponential_euler_solver.benchmark import cli
+
+    seen = []
+    monkeypatch.setattr(scaling, "main", lambda argv: seen.append(list(argv)) or 7)
+    assert cli.main(["--n-train", "64", "--scaling", "--widths"]) == 7
+    assert seen == [["--n-train", "64", "--widths"]]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    assert "--scaling" in capsys.readouterr().out

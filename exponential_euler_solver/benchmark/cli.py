@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--reference-cache", metavar="DIR", default=_default_cache(),
                     help="folder where converged references are kept and found again, keyed by configuration "
                     f"('none': no cache; default: {_default_cache()})")
+    p.add_argument_group("cost growth").add_argument(
+        "--scaling", action="store_true",
+        help="instead of the grid: how a run's cost grows with n_train and width (python -m "
+        "exponential_euler_solver.benchmark.scaling, also euler-scaling); every other option is that command's "
+        "(--scaling --help lists them)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None, help="write every number to this JSON file")
     out.add_argument("--plot", metavar="PATH", default=None,
@@ -394,7 +399,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``euler-benchmark``; returns 0 (argparse, data and checkpoint errors exit with status 2,
     an interrupt with 130).
 
-    In a process group only rank 0 prints the tables and writes ``--json`` and ``--plot``."""
+    In a process group only rank 0 prints the tables and writes ``--json`` and ``--plot``. With ``--scaling`` the
+    other arguments go to :func:`.scaling.main`."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if "--scaling" in arguments:
+        from . import scaling  # it builds on this module
+        return scaling.main([a for a in arguments if a != "--scaling"])
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
