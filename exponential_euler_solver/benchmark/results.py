@@ -45,6 +45,10 @@ class FidelityResult:
         return cls(**data)
 
 
+# The values RunResult.to_dict adds beside its fields; from_dict recomputes them.
+_DERIVED = ("hvp_per_step", "first_step_hvp", "grad_per_step", "time_split", "stiffness")
+
+
 @dataclass
 class RunResult:
     """One solver run on one problem.
@@ -173,8 +177,7 @@ class RunResult:
         Raises:
             KeyError, TypeError: ``data`` is not shaped like :meth:`to_dict`'s output.
         """
-        data = {k: v for k, v in data.items()
-                if k not in ("hvp_per_step", "first_step_hvp", "grad_per_step", "time_split")}
+        data = {k: v for k, v in data.items() if k not in _DERIVED}
         data["history"] = Trajectory.from_rows(data.get("history", []))
         if data.get("fidelity") is not None:
             data["fidelity"] = FidelityResult.from_dict(data["fidelity"])
