@@ -79,6 +79,26 @@ def test_every_method_runs_and_its_numbers_hold(problem, tmp_path):
     assert "Cheapest run within 1% crossing error" in text and "ours exponential-euler" in text
 
 
+def test_a_torchdiffeq_breakdown_is_recorded_and_the_sweep_goes_on(problem, tmp_path, monkeypatch):
+    """torchdiffeq's step-size underflow is an AssertionError: the run is recorded as an error with its counts, and
+    the methods after it still run."""
+    import torchdiffeq
+
+    def underflow(func, y0, t0, **kwargs):
+        func(t0, y0)  # one gradient, as a real run makes before it breaks down
+        raise AssertionError("underflow in dt 0.0")
+
+    monkeypatch.setattr(torchdiffeq, "odeint_event", underflow)
+    result = work_precision.run_work_precision(problem, TARGET, dataset="digits", cache_dir=str(tmp_path),
+                                               quick=True, families=["dopri5", "gd"])
+    broken = [p for p in result["points"] if p["family"] == "dopri5"]
+    assert len(broken) == 3
+    for p in broken:
+        assert p["stop_reason"] == "error" and not p["converged"] and p["crossing_time"] is None, p
+        assert p["error"] == "torchdiffeq dopri5: AssertionError: underflow in dt 0.0" and p["n_grad"] == 1, p
+    assert [p["converged"] for p in result["points"] if p["family"] == "gd"] == [True, True]
+
+
 def test_the_command_writes_table_json_and_plot(small_network, tmp_path):
     json_path, png_path = tmp_path / "wp.json", tmp_path / "wp.png"
     out = io.StringIO()

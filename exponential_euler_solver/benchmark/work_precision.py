@@ -209,6 +209,11 @@ class _TimeUp(Exception):
     pass
 
 
+#: What torchdiffeq raises when its integration breaks down (its step-size underflow is an ``AssertionError``); such
+#: a run is recorded with ``stop_reason`` "error" and the message, and the sweep goes on.
+TORCHDIFFEQ_FAILURES = (AssertionError, RuntimeError, FloatingPointError)
+
+
 def _run_torchdiffeq(method: WPMethod, problem: Problem, reference: Reference, target: float, t_grad: float,
                      max_seconds: float) -> WPPoint:
     import torchdiffeq
@@ -229,24 +234,31 @@ def _run_torchdiffeq(method: WPMethod, problem: Problem, reference: Reference, t
 
     rtol = method.value
     t0 = torch.tensor(0.0, dtype=torch.float64)
+    error = None
     try:
         t_event, _ = torchdiffeq.odeint_event(rhs, problem.init_params.clone(), t0, event_fn=event,
                                               method=method.build, rtol=rtol, atol=rtol * 1e-3)
         wall, stop, crossing = time.perf_counter() - start, "target", float(t_event)
     except _TimeUp:
         wall, stop, crossing = time.perf_counter() - start, "max_seconds", None
+    except TORCHDIFFEQ_FAILURES as exc:  # e.g. "underflow in dt 0.0" once a trial point's gradient is not finite
+        wall, stop, crossing = time.perf_counter() - start, "error", None
+        error = f"torchdiffeq {method.family}: {type(exc).__name__}: {exc}"
     n_grad, n_loss = counts["grad"], counts["loss"]
     deviations = []
     if crossing is not None:  # the parameters at the comparison times: a second, untimed integration
         times = torch.tensor([0.0] + list(reference.times), dtype=torch.float64)
-        sol = torchdiffeq.odeint(lambda t, y: -loss.gradient(y)[1], problem.init_params.clone(), times,
-                                 method=method.build, rtol=rtol, atol=rtol * 1e-3)
-        for i, tau in enumerate(reference.times):
+        try:
+            sol = torchdiffeq.odeint(lambda t, y: -loss.gradient(y)[1], problem.init_params.clone(), times,
+                                     method=method.build, rtol=rtol, atol=rtol * 1e-3)
+        except TORCHDIFFEQ_FAILURES:
+            sol = None  # the crossing stands; the deviations are left out
+        for i, tau in enumerate(reference.times if sol is not None else ()):
             p_ref = reference.trajectory.params_at(tau)
             scale = torch.linalg.vector_norm((p_ref - problem.init_params).double())
             deviations.append(float(torch.linalg.vector_norm((sol[i + 1] - p_ref).double()) / scale))
     return _metrics(method, None, crossing, reference, problem, deviations, None, n_grad, 0, n_loss, wall, t_grad,
-                    stop, None)
+                    stop, None, error)
 
 
 def run_work_precision(problem: Problem, target: float, *, dataset: str, cache_dir: Optional[str] = None,
