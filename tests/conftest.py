@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 from torch.utils.data import TensorDataset
 
+from exponential_euler_solver import LossFunction
+
 # The tests multiply tiny matrices. With torch's intra-op pool on this 2-core machine under load from other
 # processes, a 59 x 15 matmul was measured at 23 ms with 2 threads and 0.01 ms with 1: one thread keeps the suite
 # fast and its timings independent of the machine's load.
@@ -158,3 +160,33 @@ def close() -> Callable[..., None]:
 def problem_factory() -> Callable[..., Problem]:
     """:func:`make_problem`, for tests that need their own network."""
     return make_problem
+
+
+class VectorNet(torch.nn.Module):
+    """A 'network' whose output for every example is its parameter vector."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], -1)
+
+
+def quadratic_problem(eigvals, seed=0):
+    """L(theta) = 1/2 (theta - theta*)^T A (theta - theta*) with A = Q diag(eigvals) Q^T."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigvals)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor(eigvals, dtype=torch.float64)) @ Q.T
+    A = (A + A.T) / 2
+    target = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def criterion(out, _y):
+        d = out - target
+        return 0.5 * ((d @ A) * d).sum(-1)  # one loss per example
+
+    ds = TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
+    loss = LossFunction(ds, criterion, VectorNet(n))
+    theta0 = target + torch.randn(n, generator=g, dtype=torch.float64)
+    return loss, A, target, theta0

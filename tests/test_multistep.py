@@ -14,32 +14,7 @@ from exponential_euler_solver.solvers import multistep
 from exponential_euler_solver.solvers.control import SAFETY
 from exponential_euler_solver.solvers.exponential_euler import DEFAULT_RTOLS, MULTISTEP_AGE_BACKSTOP
 
-
-class _Vector(torch.nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
-
-    def forward(self, x):
-        return self.w.expand(x.shape[0], -1)
-
-
-def quadratic(eigvals, seed=0):
-    """L = 1/2 (theta - theta*)^T A (theta - theta*), A = Q diag(eigvals) Q^T; returns loss, A, theta*, theta0."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(eigvals)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = Q @ torch.diag(torch.tensor(eigvals, dtype=torch.float64)) @ Q.T
-    A = (A + A.T) / 2
-    target = torch.randn(n, generator=g, dtype=torch.float64)
-
-    def criterion(out, _y):
-        d = out - target
-        return 0.5 * ((d @ A) * d).sum(-1)
-
-    loss = euler.LossFunction(TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1)), criterion,
-                              _Vector(n))
-    return loss, A, target, target + torch.randn(n, generator=g, dtype=torch.float64)
+from conftest import quadratic_problem
 
 
 @pytest.fixture
@@ -86,7 +61,7 @@ def test_second_order_at_one_gradient_per_step(mlp, make):
 def test_exact_on_a_quadratic_whose_curvature_is_tracked(max_step):
     # Every positive curvature is tracked and integrated exactly; the remainder D vanishes, so ETD2 is exact for
     # any step size (and the multistep history changes nothing).
-    loss, A, target, theta0 = quadratic([50.0, 7.0, 2.0] + [0.0] * 5)
+    loss, A, target, theta0 = quadratic_problem([50.0, 7.0, 2.0] + [0.0] * 5)
     p = theta0.clone()
     solver = euler.ExponentialEulerSolver(p, loss, max_step, 3, eig_tol=1e-12, eig_max_iters=300)
     assert solver.scheme == "multistep"
@@ -99,7 +74,7 @@ def test_exact_on_a_quadratic_whose_curvature_is_tracked(max_step):
 def test_the_bulk_step_is_variable_step_adams_bashforth():
     # Adaptive gradient descent tracks no direction: its multistep step is AB2 with the step ratio w = h / h_prev,
     # theta_{n+1} = theta_n - h (1 + w/2) g_n + h (w/2) g_{n-1}; written out here from the recorded gradients.
-    loss, A, target, theta0 = quadratic([3.0, 2.0, 1.0, 0.5])
+    loss, A, target, theta0 = quadratic_problem([3.0, 2.0, 1.0, 0.5])
     p = theta0.clone()
     solver = euler.AdaptiveGradientDescent(p, loss, 0.05, rtol=1e9, warmup_iters=3, warmup_factor=0.3)
     grads, points, dts = [], [p.clone()], []
@@ -179,7 +154,7 @@ def test_eigenpairs_age_only_while_the_stability_cap_binds(mlp):
 
 
 def test_scheme_keyword():
-    loss, A, target, theta0 = quadratic([3.0, 1.0, 0.5])
+    loss, A, target, theta0 = quadratic_problem([3.0, 1.0, 0.5])
     assert euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1).scheme == "multistep"
     assert euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1).rtol == DEFAULT_RTOLS["multistep"]
     heun = euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1, scheme="heun")

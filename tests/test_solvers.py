@@ -9,40 +9,10 @@ from torch.utils.data import TensorDataset
 import exponential_euler_solver as euler
 from exponential_euler_solver.errors import NonFiniteError, StepRejectedError
 
-from conftest import unflatten_reference
+from conftest import VectorNet, quadratic_problem, unflatten_reference
 
 
 # -- problems ------------------------------------------------------------------------------------------------
-class _Vector(torch.nn.Module):
-    """A 'network' whose output for every example is its parameter vector."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
-
-    def forward(self, x):
-        return self.w.expand(x.shape[0], -1)
-
-
-def quadratic_problem(eigvals, seed=0):
-    """L(theta) = 1/2 (theta - theta*)^T A (theta - theta*) with A = Q diag(eigvals) Q^T."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(eigvals)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = Q @ torch.diag(torch.tensor(eigvals, dtype=torch.float64)) @ Q.T
-    A = (A + A.T) / 2
-    target = torch.randn(n, generator=g, dtype=torch.float64)
-
-    def criterion(out, _y):
-        d = out - target
-        return 0.5 * ((d @ A) * d).sum(-1)  # one loss per example
-
-    ds = TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
-    loss = euler.LossFunction(ds, criterion, _Vector(n))
-    theta0 = target + torch.randn(n, generator=g, dtype=torch.float64)
-    return loss, A, target, theta0
-
-
 def exact_flow(A, target, theta0, t):
     return target + torch.linalg.matrix_exp(-t * A) @ (theta0 - target)
 
@@ -221,7 +191,7 @@ def test_a_refresh_after_a_rejection_caps_the_retry():
         return 0.5 * kappa * b ** 2 + 0.5 * a ** 2
 
     loss = euler.LossFunction(TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1)), criterion,
-                              _Vector(2))
+                              VectorNet(2))
     p = torch.tensor([3.0, 1.0], dtype=torch.float64)
     solver = euler.AdaptiveGradientDescent(p, loss, 0.5, rtol=None, max_eig_age=1000)
     for step in range(4):  # noqa: B007 (read after the loop)

@@ -222,8 +222,8 @@ def _check_output_path(parser: argparse.ArgumentParser, option: str, path: Optio
         parser.error(f"argument {option}: must be a file path; got the directory {path!r}")
 
 
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks that need more than one value or the environment; exits through ``parser.error``."""
+def _check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fills in ``args.device`` (its default) and checks that it is a torch device this machine has."""
     if args.device is None:
         args.device = _default_device()
     try:
@@ -233,6 +233,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"argument --device: CUDA is not available on this machine; got {args.device!r} "
                      "(use --device cpu)")
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need more than one value or the environment; exits through ``parser.error``."""
+    _check_device(parser, args)
     _check_output_path(parser, "--json", args.json)
     _check_output_path(parser, "--plot", args.plot)
     if args.plot is not None:

@@ -79,7 +79,7 @@ from .. import __version__
 from ..files import atomic_write
 from ..integrate import Stop, integrate
 from ..solvers import SOLVERS
-from .cli import DTYPES, _check_output_path, _default_device, _float_in, _n_classes, _non_negative_int, _positive_int
+from .cli import DTYPES, _check_device, _check_output_path, _float_in, _n_classes, _non_negative_int, _positive_int
 from .datasets import DATASETS, load_dataset, select_subset
 from .problem import DEFAULT_WIDTHS, LOSS_KINDS, NETWORKS, build_problem
 from .report import PLOT_MISSING
@@ -492,14 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.n_train and not args.widths:
         parser.error("arguments --n-train/--widths: both series are empty; nothing to measure")
-    if args.device is None:
-        args.device = _default_device()
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        parser.error(f"argument --device: not a torch device; got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"argument --device: CUDA is not available on this machine; got {args.device!r}")
+    _check_device(parser, args)
     _check_output_path(parser, "--json", args.json)
     _check_output_path(parser, "--plot", args.plot)
     if args.plot is not None:
