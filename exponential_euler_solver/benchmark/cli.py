@@ -157,10 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"dataset (default: {DEFAULT_DATASET}, bundled with scikit-learn)")
     data.add_argument("--data-dir", default=None,
                       help="folder with the dataset's files (cifar10: cifar-10-batches-py or its parent)")
-    data.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    data.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype (default: float32)")
-    data.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch.set_num_threads for the run (default: torch's choice)")
+    add_device_arguments(data)
     cmp = p.add_argument_group("comparison")
     cmp.add_argument("--compare", action="store_true",
                      help="also run stable-solvers 0.1 (the existing implementation) with the seed's arguments "
@@ -212,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_device_arguments(group) -> None:
+    """``--device``, ``--dtype`` and ``--threads``, as every benchmark command takes them."""
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype (default: float32)")
+    group.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch.set_num_threads for the run (default: torch's choice)")
+
+
 def _check_output_path(parser: argparse.ArgumentParser, option: str, path: Optional[str]) -> None:
     if path is None:
         return
@@ -235,8 +240,8 @@ def _check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      "(use --device cpu)")
 
 
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks that need more than one value or the environment; exits through ``parser.error``."""
+def _check_device_and_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--device`` (filled in), ``--json`` and ``--plot`` (and matplotlib for it); exits through ``parser.error``."""
     _check_device(parser, args)
     _check_output_path(parser, "--json", args.json)
     _check_output_path(parser, "--plot", args.plot)
@@ -245,6 +250,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error(PLOT_MISSING)
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need more than one value or the environment; exits through ``parser.error``."""
+    _check_device_and_outputs(parser, args)
     if args.compare:
         try:
             import_peer()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import subprocess
 import sys
@@ -24,17 +25,41 @@ from ..loss import LossFunction
 from .datasets import N_FEATURES
 from .problem import build_network
 
-__all__ = ["measure", "main"]
+__all__ = ["status_mib", "reset_peak_rss", "measure", "main"]
 
 _STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def _status_mib(key: str) -> float:
-    with open(_STATUS) as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{key} not found in {_STATUS}")
+def status_mib(key: str) -> Optional[float]:
+    """The value of ``key`` (``"VmRSS:"``, ``"VmHWM:"``) in ``/proc/self/status`` in MiB; None where there is
+    no such file or line (not Linux)."""
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> Optional[float]:
+    """Hand freed memory back to the OS, reset the peak RSS (``VmHWM``) to the current one and return it (MiB);
+    None where this cannot be done (not Linux). Without the trim glibc keeps freed memory resident, and a
+    measured call can reuse it without raising the RSS at all (seen: an increase of 0 MiB for a product holding
+    20 MiB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return status_mib("VmRSS:")
 
 
 def measure(n_train: int, batch_size: int, block: int, n_classes: int = 10, seed: int = 0) -> Dict[str, float]:
@@ -49,14 +74,11 @@ def measure(n_train: int, batch_size: int, block: int, n_classes: int = 10, seed
     V = torch.randn(loss.n_params, block, generator=gen)
     hessian = HessianOperator(loss, params)
     hessian @ V[:, :1]  # one-time allocations (autograd, kernels) out of the way
-    # Hand memory freed by that call back to the OS; otherwise glibc keeps it resident and the measured call can
-    # reuse it without raising the RSS at all (seen: an increase of 0 MiB for a product holding 20 MiB).
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    before = _status_mib("VmRSS:")
+    before = reset_peak_rss()
+    if before is None:
+        raise RuntimeError(f"measuring memory needs Linux's {_STATUS} and {_CLEAR_REFS}")
     result = hessian @ V
-    peak = _status_mib("VmHWM:")
+    peak = status_mib("VmHWM:")
     return {"n_train": n_train, "batch_size": batch_size, "block": block, "rss_before_mib": before,
             "peak_mib": peak, "increase_mib": peak - before,
             "result_mib": result.numel() * result.element_size() / 2 ** 20}

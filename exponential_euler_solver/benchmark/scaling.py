@@ -60,9 +60,6 @@ an interrupt (after printing and writing the finished runs).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
 import math
 import os
 import platform
@@ -79,10 +76,19 @@ from .. import __version__
 from ..files import atomic_write
 from ..integrate import Stop, integrate
 from ..solvers import SOLVERS
-from .cli import DTYPES, _check_device, _check_output_path, _float_in, _n_classes, _non_negative_int, _positive_int
+from .cli import (
+    DTYPES,
+    _check_device_and_outputs,
+    _float_in,
+    _n_classes,
+    _non_negative_int,
+    _positive_int,
+    add_device_arguments,
+)
 from .datasets import DATASETS, load_dataset, select_subset
+from .memory import reset_peak_rss, status_mib
 from .problem import DEFAULT_WIDTHS, LOSS_KINDS, NETWORKS, build_problem
-from .report import PLOT_MISSING
+from .report import PLOT_MISSING, write_json
 from .suite import DEFAULT_MAX_STEPS, GRADIENT_REPEATS, gradient_seconds, warm_up
 
 __all__ = ["PROG", "DEFAULT_N_TRAIN", "DEFAULT_N_CLASSES", "DEFAULT_WIDTHS_SERIES", "DEFAULT_WIDTH_N_TRAIN",
@@ -104,8 +110,6 @@ MEMORY_MEASURED = ("peak RSS increase: VmHWM of /proc/self/status read after the
                    "problem was built and t_grad timed); one process for all sizes")
 SERIES = ("n_train", "width")
 
-_STATUS = "/proc/self/status"
-_CLEAR_REFS = "/proc/self/clear_refs"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -132,35 +136,6 @@ def plan_sizes(n_train: Sequence[int], n_classes: Sequence[int], widths: Sequenc
     for w in sorted(set(widths)):
         order.setdefault((width_n_train, width_classes, w), []).append("width")
     return [Size(n, c, w, tuple(series)) for (n, c, w), series in order.items()]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# memory
-def _status_mib(key: str) -> Optional[float]:
-    try:
-        with open(_STATUS) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> Optional[float]:
-    """Hand freed memory back to the OS, reset the peak RSS to the current one and return it (MiB); None where
-    this cannot be done (not Linux)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open(_CLEAR_REFS, "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return None
-    return _status_mib("VmRSS:")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -196,7 +171,7 @@ def measure_run(X, y, size: Size, solver: str, *, target: float, max_seconds: fl
     stop = Stop(step_loss=target, seconds=max_seconds, steps=max_steps, errors="record")
     desc = False if quiet else f"{entry.label} n={size.n_train} C={size.n_classes} width={size.width}"
     cuda = torch.device(device).type == "cuda"
-    rss_before = _reset_peak_rss()
+    rss_before = reset_peak_rss()
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,7 +179,7 @@ def measure_run(X, y, size: Size, solver: str, *, target: float, max_seconds: fl
     start = time.perf_counter()
     trajectory = integrate(instance, stop, progress=desc)
     elapsed = time.perf_counter() - start
-    rss_peak = _status_mib("VmHWM:") if rss_before is not None else None
+    rss_peak = status_mib("VmHWM:") if rss_before is not None else None
     cuda_increase = None
     if cuda:
         torch.cuda.synchronize(device)
@@ -381,11 +356,6 @@ def scaling_record(runs: Sequence[dict], options: dict, argv: Optional[Sequence[
             "memory_measured": MEMORY_MEASURED, "runs": list(runs), "fits": fits(runs)}
 
 
-def _write_json(path: str, record: dict) -> None:
-    text = json.dumps(record, indent=1, allow_nan=False) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
 def write_plot(path: str, runs: Sequence[dict]) -> None:
     """A log-log PNG of wall per step (solid) and ``t_grad`` (dashed) against n_train and against width, one line
     per solver and class count, the fitted exponents in the legend; runs stopped by a cap are circled. Written
@@ -477,10 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", choices=sorted(DATASETS), default=DEFAULT_DATASET,
                       help=f"dataset (default: {DEFAULT_DATASET})")
     data.add_argument("--data-dir", default=None, help="folder with the dataset's files (cifar10)")
-    data.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    data.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype (default: float32)")
-    data.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch.set_num_threads for the measurement (default: torch's choice)")
+    add_device_arguments(data)
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None,
                      help="write every number to this JSON file (rewritten after every run)")
@@ -492,14 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.n_train and not args.widths:
         parser.error("arguments --n-train/--widths: both series are empty; nothing to measure")
-    _check_device(parser, args)
-    _check_output_path(parser, "--json", args.json)
-    _check_output_path(parser, "--plot", args.plot)
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error(PLOT_MISSING)
+    _check_device_and_outputs(parser, args)
 
 
 def _check_sizes(parser: argparse.ArgumentParser, X, y, sizes: Sequence[Size], seed: int) -> None:
@@ -544,13 +504,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      batch_size=args.batch_size, target=args.target)
                 runs.append(run)
                 if args.json is not None:
-                    _write_json(args.json, scaling_record(runs, options, argv))
+                    write_json(args.json, scaling_record(runs, options, argv))
     except KeyboardInterrupt:
         interrupted = True
     if runs:
         print(format_table(runs))
         if args.json is not None:
-            _write_json(args.json, scaling_record(runs, options, argv))
+            write_json(args.json, scaling_record(runs, options, argv))
         if args.plot is not None:
             write_plot(args.plot, runs)
     if interrupted:
