@@ -348,6 +348,13 @@ def format_work_precision(result: dict, tablefmt: str = "simple") -> str:
     return "\n".join(lines)
 
 
+# one colour and marker per method family (14 before they repeat: a full sweep has 12 families); errors below
+# _FLOOR (the reference's own run has none) are drawn at it
+_COLORS = [f"C{i}" for i in range(10)] + ["black", "darkgoldenrod", "navy", "magenta"]
+_MARKERS = "osD^v<>ph*XP8d"
+_FLOOR = 1e-6
+
+
 def write_plot(path: str, results: Sequence[dict]) -> None:
     """A PNG per grid point (side by side): |crossing error| and the largest deviation from the reference against
     wall time in units of ``t_grad``, log-log, one line per method family (its knob swept along the line), the 1%
@@ -364,11 +371,11 @@ def write_plot(path: str, results: Sequence[dict]) -> None:
         for family in families:
             if family not in styles:
                 i = len(styles)
-                styles[family] = dict(color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10],
+                styles[family] = dict(color=_COLORS[i % len(_COLORS)], marker=_MARKERS[i % len(_MARKERS)],
                                       linestyle="-" if family.startswith("ours") else "--")
             pts = [p for p in result["points"] if p["family"] == family and p["cost"] is not None]
             for row, metric in enumerate(("relative_error", "max_deviation")):
-                xy = [(p["cost"], max(abs(p[metric]), 1e-6)) for p in pts
+                xy = [(p["cost"], max(abs(p[metric]), _FLOOR)) for p in pts
                       if p[metric] is not None and p["converged"]]
                 if xy:
                     xy.sort()
@@ -380,7 +387,7 @@ def write_plot(path: str, results: Sequence[dict]) -> None:
             if line is not None:
                 ax.axhline(line, color="black", linestyle=":", linewidth=1, label="1%")
             ax.set_xlabel("wall time / t_grad (one full-batch gradient)")
-            ax.set_ylabel(name)
+            ax.set_ylabel(f"{name} (drawn at {_FLOOR:g} when below)")
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"n_train {result['n_train']}, {result['n_classes']} classes: {name} against cost")
         axes[0][col].legend(fontsize="x-small", loc="best")
