@@ -384,8 +384,9 @@ def write_plot(path: str, runs: Sequence[dict]) -> None:
                 label=f"{label}, C={c}: t_grad, slope {_num(fit['t_grad_exponent'], '.2f', 'n/a')}")
         capped = [r for r in stepped if r["stopped"]]
         if capped:
+            once = "stopped by a cap" not in ax.get_legend_handles_labels()[1]  # one legend entry per panel
             ax.scatter([r[xkey] for r in capped], [r["wall_per_step"] for r in capped], s=120, facecolors="none",
-                       edgecolors="k", zorder=3, label="stopped by a cap")
+                       edgecolors="k", zorder=3, label="stopped by a cap" if once else None)
     for series, ax in axes.items():
         xlabel = "n_train (examples)" if series == "n_train" else "width (hidden units / channels)"
         ax.set(xlabel=xlabel, ylabel="seconds", title=f"Cost against {series}: wall per step (solid), "
