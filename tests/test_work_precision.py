@@ -7,7 +7,9 @@ import contextlib
 import io
 import json
 
+import numpy as np
 import pytest
+import scipy.sparse.linalg
 import torch
 from torch import nn
 
@@ -43,7 +45,8 @@ def test_every_method_runs_and_its_numbers_hold(problem, tmp_path):
                                                quick=True, progress=lines.append)
     families = {p["family"] for p in result["points"]}
     assert {"ours exponential-euler", "ours adaptive uncapped", "heun exponential-euler", "rk4", "gd", "dopri5",
-            "bosh3"} <= families, families
+            "bosh3", "dopri5 first step 1/lambda1"} <= families, families
+    torchdiffeq_families = ("dopri5", "bosh3", "dopri5 first step 1/lambda1")
     ref = result["reference"]
     assert ref["crossing_time"] > 0 and len(ref["times"]) == 3
     for p in result["points"]:
@@ -53,12 +56,12 @@ def test_every_method_runs_and_its_numbers_hold(problem, tmp_path):
                                                     / ref["crossing_time"], rel=1e-12), where
         assert p["cost"] == pytest.approx(p["wall"] / result["t_grad"], rel=1e-12), where
         assert p["max_deviation"] == max(p["deviations"]) and len(p["deviations"]) == 3, where
-        loose = p["family"] in ("dopri5", "bosh3") and p["value"] > 1e-4  # dopri5 at rtol 1e-2 lost the flow here
+        loose = p["family"] in torchdiffeq_families and p["value"] > 1e-4  # dopri5 at rtol 1e-2 lost the flow here
         if not loose and not p["family"].startswith("stable-solvers"):  # nor does the peer's follow it
             assert abs(p["relative_error"]) < 0.2 and p["max_deviation"] < 0.2, where
         if p["family"].startswith(("ours", "heun")):
             assert p["monotone"] is True and p["n_hvp"] > 0, where
-        if p["family"] in ("dopri5", "bosh3"):
+        if p["family"] in torchdiffeq_families:
             assert p["n_loss"] > 0 and p["monotone"] is None and p["steps"] is None, where
         if p["family"] == "gd":
             assert p["n_hvp"] == 0 and p["n_grad"] == p["steps"] + 1, where
@@ -77,6 +80,40 @@ def test_every_method_runs_and_its_numbers_hold(problem, tmp_path):
     assert {p["family"] for p in again["points"]} == {"rk4"}
     text = work_precision.format_work_precision(result)
     assert "Cheapest run within 1% crossing error" in text and "ours exponential-euler" in text
+
+
+def test_dopri5_first_step_is_one_over_lambda1(problem, tmp_path, monkeypatch):
+    """The first-step variant hands torchdiffeq ``first_step = 1/|lambda_1(theta_0)|`` (lambda_1 checked against
+    ARPACK on autograd's Hessian-vector products); plain dopri5 passes no options."""
+    import torchdiffeq
+
+    seen = []
+
+    def record(func, y0, t0, **kwargs):
+        seen.append(kwargs.get("options"))
+        raise AssertionError("stop here")
+
+    monkeypatch.setattr(torchdiffeq, "odeint_event", record)
+    result = work_precision.run_work_precision(problem, TARGET, dataset="digits", cache_dir=str(tmp_path),
+                                               quick=True, families=["dopri5"])
+    theta = problem.init_params.detach()
+
+    def hvp(v):  # double backward through each batch's loss, solved by ARPACK: independent of our operators
+        vec = torch.as_tensor(v, dtype=theta.dtype).reshape(-1)
+        out = torch.zeros_like(theta)
+        for batch in problem.loss_func.batches():
+            p = theta.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(problem.loss_func.batch_loss(p, batch), p, create_graph=True)
+            out += torch.autograd.grad(g @ vec, p)[0]
+        return out.double().numpy()
+
+    n = theta.numel()
+    operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=hvp, dtype=np.float64)
+    lambda1 = float(np.abs(scipy.sparse.linalg.eigsh(operator, k=1, which="LM", tol=1e-4)[0]).max())
+    assert [p["family"] for p in result["points"]] == ["dopri5"] * 3 + ["dopri5 first step 1/lambda1"] * 3
+    assert seen[:3] == [None] * 3
+    for options in seen[3:]:
+        assert options["first_step"] == pytest.approx(1 / lambda1, rel=1e-2), (options, lambda1)
 
 
 def test_a_torchdiffeq_breakdown_is_recorded_and_the_sweep_goes_on(problem, tmp_path, monkeypatch):

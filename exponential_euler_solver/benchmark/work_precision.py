@@ -21,6 +21,10 @@ Families and knobs:
 * ``gd``: fixed-step gradient descent, ``lr`` as fractions of ``1/|lambda_1(theta_0)|``;
 * ``dopri5``, ``bosh3``: torchdiffeq's adaptive Runge-Kutta (``rtol`` swept, ``atol`` = ``rtol * 1e-3``), with
   the crossing found by its event handling (``odeint_event``); needs torchdiffeq (the ``test`` extra);
+* ``dopri5 first step 1/lambda1``: dopri5 with its first step set to ``1/|lambda_1(theta_0)|``. Left to itself,
+  torchdiffeq's initial-step heuristic starts at ``dt * lambda_1`` of 9 to 23 on the digits (dopri5 is stable to
+  about 3.3), and at rtol 1e-2 and 1e-3 the first trial's gradient overflows and the run stops with
+  "underflow in dt 0.0";
 * ``stable-solvers``: the peer at the seed's arguments, when installed (``compare`` extra).
 """
 
@@ -66,6 +70,8 @@ class WPMethod:
         value: its value.
         kind: ``"solver"`` (a step-protocol solver built by ``build``) or ``"torchdiffeq"``.
         build: ``build(problem, params, lambda1) -> solver`` for ``"solver"``; the torchdiffeq method name otherwise.
+        first_step: torchdiffeq only: its first step in units of ``1/|lambda_1(theta_0)|``; None: torchdiffeq's
+            own initial-step heuristic.
     """
 
     family: str
@@ -73,6 +79,7 @@ class WPMethod:
     value: float
     kind: str
     build: object
+    first_step: Optional[float] = None
 
 
 def _ours(solver: str, scheme: str, rtol, uncapped: bool) -> Callable:
@@ -110,6 +117,8 @@ def methods(quick: bool = False, peer: bool = True) -> List[WPMethod]:
     try:
         import torchdiffeq  # noqa: F401
         out += [WPMethod(m, "rtol", r, "torchdiffeq", m) for m in ("dopri5", "bosh3") for r in ode_rtols]
+        out += [WPMethod("dopri5 first step 1/lambda1", "rtol", r, "torchdiffeq", "dopri5", first_step=1.0)
+                for r in ode_rtols]
     except ImportError:
         pass
     if peer:
@@ -214,8 +223,8 @@ class _TimeUp(Exception):
 TORCHDIFFEQ_FAILURES = (AssertionError, RuntimeError, FloatingPointError)
 
 
-def _run_torchdiffeq(method: WPMethod, problem: Problem, reference: Reference, target: float, t_grad: float,
-                     max_seconds: float) -> WPPoint:
+def _run_torchdiffeq(method: WPMethod, problem: Problem, reference: Reference, lambda1: float, target: float,
+                     t_grad: float, max_seconds: float) -> WPPoint:
     import torchdiffeq
 
     loss = problem.loss_func
@@ -233,11 +242,12 @@ def _run_torchdiffeq(method: WPMethod, problem: Problem, reference: Reference, t
         return loss(theta).to(torch.float64) - target
 
     rtol = method.value
+    options = None if method.first_step is None else {"first_step": method.first_step / lambda1}
     t0 = torch.tensor(0.0, dtype=torch.float64)
     error = None
     try:
         t_event, _ = torchdiffeq.odeint_event(rhs, problem.init_params.clone(), t0, event_fn=event,
-                                              method=method.build, rtol=rtol, atol=rtol * 1e-3)
+                                              method=method.build, rtol=rtol, atol=rtol * 1e-3, options=options)
         wall, stop, crossing = time.perf_counter() - start, "target", float(t_event)
     except _TimeUp:
         wall, stop, crossing = time.perf_counter() - start, "max_seconds", None
@@ -250,7 +260,7 @@ def _run_torchdiffeq(method: WPMethod, problem: Problem, reference: Reference, t
         times = torch.tensor([0.0] + list(reference.times), dtype=torch.float64)
         try:
             sol = torchdiffeq.odeint(lambda t, y: -loss.gradient(y)[1], problem.init_params.clone(), times,
-                                     method=method.build, rtol=rtol, atol=rtol * 1e-3)
+                                     method=method.build, rtol=rtol, atol=rtol * 1e-3, options=options)
         except TORCHDIFFEQ_FAILURES:
             sol = None  # the crossing stands; the deviations are left out
         for i, tau in enumerate(reference.times if sol is not None else ()):
@@ -285,7 +295,7 @@ def run_work_precision(problem: Problem, target: float, *, dataset: str, cache_d
             continue
         try:
             if method.kind == "torchdiffeq":
-                point = _run_torchdiffeq(method, problem, reference, target, t_grad, max_seconds)
+                point = _run_torchdiffeq(method, problem, reference, lambda1, target, t_grad, max_seconds)
             else:
                 point = _run_solver(method, problem, reference, lambda1, target, t_grad, max_seconds)
         except SolverError as exc:  # pragma: no cover - the runs record their own errors
@@ -348,7 +358,7 @@ def format_work_precision(result: dict, tablefmt: str = "simple") -> str:
     return "\n".join(lines)
 
 
-# one colour and marker per method family (14 before they repeat: a full sweep has 12 families); errors below
+# one colour and marker per method family (14 before they repeat: a full sweep has 13 families); errors below
 # _FLOOR (the reference's own run has none) are drawn at it
 _COLORS = [f"C{i}" for i in range(10)] + ["black", "darkgoldenrod", "navy", "magenta"]
 _MARKERS = "osD^v<>ph*XP8d"
