@@ -368,7 +368,7 @@ _FLOOR = 1e-6
 def write_plot(path: str, results: Sequence[dict]) -> None:
     """A PNG per grid point (side by side): |crossing error| and the largest deviation from the reference against
     wall time in units of ``t_grad``, log-log, one line per method family (its knob swept along the line), the 1%
-    line dashed."""
+    line dashed; a family none of whose runs crossed the target is named in the legend with the most it spent."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -390,6 +390,9 @@ def write_plot(path: str, results: Sequence[dict]) -> None:
                 if xy:
                     xy.sort()
                     axes[row][col].plot(*zip(*xy), label=family, markersize=5, linewidth=1.4, **styles[family])
+                elif pts and row == 0:  # never crossed: said in the legend, with what it spent
+                    axes[row][col].plot([], [], label=f"{family}: no crossing (stopped at "
+                                        f"{max(p['cost'] for p in pts):.0f} t_grad)", **styles[family])
         for row, (name, line) in enumerate((("|crossing-time error|", ONE_PERCENT), ("largest deviation", None))):
             ax = axes[row][col]
             ax.set_xscale("log")
