@@ -8,6 +8,7 @@ The references here never call :mod:`exponential_euler_solver`: the loss is writ
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 from torch.utils.data import TensorDataset
 
-from exponential_euler_solver import LossFunction
+import exponential_euler_solver.benchmark.suite as suite
+from exponential_euler_solver import HessianOperator, LossFunction
+from exponential_euler_solver.solvers.base import Solver
 
 # The tests multiply tiny matrices. With torch's intra-op pool on this 2-core machine under load from other
 # processes, a 59 x 15 matmul was measured at 23 ms with 2 threads and 0.01 ms with 1: one thread keeps the suite
@@ -190,3 +193,59 @@ def quadratic_problem(eigvals, seed=0):
     loss = LossFunction(ds, criterion, VectorNet(n))
     theta0 = target + torch.randn(n, generator=g, dtype=torch.float64)
     return loss, A, target, theta0
+
+
+def tiny_classifier(n_examples: int) -> tuple[LossFunction, Tensor]:
+    """A float64 6 -> 8 -> tanh -> 3 MLP with cross-entropy on ``n_examples`` random points (seed 0), through the
+    library's LossFunction, and its initial parameters."""
+    torch.manual_seed(0)
+    X = torch.randn(n_examples, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (n_examples,))
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    loss = LossFunction(TensorDataset(X, y), nn.CrossEntropyLoss(), net)
+    return loss, loss.initialize_parameters(dtype=torch.float64)
+
+
+def count_suite_work(mp: pytest.MonkeyPatch) -> dict:
+    """Count, per run of the benchmark suite (``suite.run``), gradients (calls of LossFunction.gradient),
+    Hessian-vector products (columns multiplied by HessianOperator._matmat, below the operators' own counting),
+    accepted steps (returns of Solver.step) and the totals after each step; keep each run's problem and its
+    elapsed seconds. Returns {solver name: counts}, filled as the runs go."""
+    counted, current = {}, [None]
+    gradient, matmat, step, run = LossFunction.gradient, HessianOperator._matmat, Solver.step, suite.run
+
+    def bump(key, n=1):
+        if current[0] is not None:
+            counted[current[0]][key] += n
+
+    def counting_gradient(self, params):
+        bump("grad")
+        return gradient(self, params)
+
+    def counting_matmat(self, X, *out):
+        bump("hvp", X.shape[1])
+        return matmat(self, X, *out)
+
+    def counting_step(self):
+        report = step(self)
+        bump("steps")
+        if current[0] is not None:
+            c = counted[current[0]]
+            c["after_step"].append((c["grad"], c["hvp"]))
+        return report
+
+    def counting_run(problem, solver, target, *, name, **kwargs):
+        counted[name] = {"grad": 0, "hvp": 0, "steps": 0, "after_step": [], "problem": problem}
+        current[0] = name
+        start = time.perf_counter()
+        try:
+            return run(problem, solver, target, name=name, **kwargs)
+        finally:
+            counted[name]["elapsed"] = time.perf_counter() - start
+            current[0] = None
+
+    mp.setattr(LossFunction, "gradient", counting_gradient)
+    mp.setattr(HessianOperator, "_matmat", counting_matmat)
+    mp.setattr(Solver, "step", counting_step)
+    mp.setattr(suite, "run", counting_run)
+    return counted

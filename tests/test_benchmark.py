@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import math
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -20,16 +19,16 @@ from torch import nn
 
 import exponential_euler_solver.benchmark.problem as problem_module
 import exponential_euler_solver.benchmark.suite as suite
-from exponential_euler_solver import HessianOperator, LossFunction, StepReport, Trajectory
+from exponential_euler_solver import StepReport, Trajectory
 from exponential_euler_solver.benchmark.cli import build_parser, main, run_benchmark
 from exponential_euler_solver.benchmark.datasets import N_FEATURES
 from exponential_euler_solver.benchmark.problem import DataError, build_network
 from exponential_euler_solver.benchmark.report import PLOT_MISSING, format_tables
 from exponential_euler_solver.benchmark.results import RunResult
 from exponential_euler_solver.solvers import SOLVERS
-from exponential_euler_solver.solvers.base import Solver
 from exponential_euler_solver.trajectory import COLUMNS, hermite_loss
 
+from conftest import count_suite_work
 from tables import table_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -268,49 +267,6 @@ def test_max_steps_ends_the_run_unconverged(one_thread, small_network):
 
 # --------------------------------------------------------------------------
 # end to end through main(), with every gradient, Hessian-vector product and step counted from outside
-def _counting(mp):
-    """Count, per run of the suite, gradients (calls of LossFunction.gradient), Hessian-vector products (columns
-    multiplied by HessianOperator._matmat, below the operators' own counting), accepted steps (returns of
-    Solver.step) and the totals after each step. Returns {solver name: counts}."""
-    counted, current = {}, [None]
-
-    def bump(key, n=1):
-        if current[0] is not None:
-            counted[current[0]][key] += n
-
-    gradient, matmat, step, run = LossFunction.gradient, HessianOperator._matmat, Solver.step, suite.run
-
-    def counting_gradient(self, params):
-        bump("grad")
-        return gradient(self, params)
-
-    def counting_matmat(self, X, *out):
-        bump("hvp", X.shape[1])
-        return matmat(self, X, *out)
-
-    def counting_step(self):
-        report = step(self)
-        bump("steps")
-        if current[0] is not None:
-            c = counted[current[0]]
-            c["after_step"].append((c["grad"], c["hvp"]))
-        return report
-
-    def counting_run(problem, solver, target, *, name, **kwargs):
-        counted[name] = {"grad": 0, "hvp": 0, "steps": 0, "after_step": []}
-        current[0] = name
-        start = time.perf_counter()
-        try:
-            return run(problem, solver, target, name=name, **kwargs)
-        finally:
-            counted[name]["elapsed"] = time.perf_counter() - start
-            current[0] = None
-
-    mp.setattr(LossFunction, "gradient", counting_gradient)
-    mp.setattr(HessianOperator, "_matmat", counting_matmat)
-    mp.setattr(Solver, "step", counting_step)
-    mp.setattr(suite, "run", counting_run)
-    return counted
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +279,7 @@ def tiny_run(tmp_path_factory):
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(problem_module, "build_network", _small_network)
-        counted = _counting(mp)
+        counted = count_suite_work(mp)
         try:
             with contextlib.redirect_stdout(out):
                 assert main(argv) == 0

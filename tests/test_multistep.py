@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import exponential_euler_solver as euler
 from exponential_euler_solver import Stop, integrate
@@ -14,17 +13,13 @@ from exponential_euler_solver.solvers import multistep
 from exponential_euler_solver.solvers.control import SAFETY
 from exponential_euler_solver.solvers.exponential_euler import DEFAULT_RTOLS, MULTISTEP_AGE_BACKSTOP
 
-from conftest import quadratic_problem
+from conftest import quadratic_problem, tiny_classifier
 
 
 @pytest.fixture
 def mlp():
-    torch.manual_seed(0)
-    X = torch.randn(24, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (24,))
-    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
-    loss = euler.LossFunction(TensorDataset(X, y), torch.nn.CrossEntropyLoss(), net)
-    return loss, 2 * loss.initialize_parameters(dtype=torch.float64)
+    loss, params = tiny_classifier(24)
+    return loss, 2 * params
 
 
 def _fixed_steps(make, loss, p0, h, T):

@@ -27,8 +27,9 @@ from exponential_euler_solver.benchmark.grid_checkpoint import GridCheckpoint
 from exponential_euler_solver.benchmark.networks import CNN_WIDTH, build_cnn, cnn_parameter_count
 from exponential_euler_solver.benchmark.problem import build_model, build_problem
 from exponential_euler_solver.solvers import SOLVERS
-from exponential_euler_solver.solvers.base import Solver
 from exponential_euler_solver.solvers.registry import stiff_dim
+
+from conftest import count_suite_work
 
 SMALL_WIDTH = 16
 CNN_TEST_WIDTH = 4
@@ -213,50 +214,13 @@ def test_built_solver_gets_the_losss_stiff_dim():
 
 # --------------------------------------------------------------------------
 # end to end: every network with every loss, counted from outside
-def _counting(mp):
-    """Count per run of the suite: gradients (calls of LossFunction.gradient), HVPs (columns multiplied by
-    HessianOperator._matmat), accepted steps (returns of Solver.step), and the totals after each step."""
-    counted, current = {}, [None]
-    gradient, matmat, step, run = LossFunction.gradient, HessianOperator._matmat, Solver.step, suite.run
-
-    def counting_gradient(self, params):
-        if current[0] is not None:
-            counted[current[0]]["grad"] += 1
-        return gradient(self, params)
-
-    def counting_matmat(self, X, *out):
-        if current[0] is not None:
-            counted[current[0]]["hvp"] += X.shape[1]
-        return matmat(self, X, *out)
-
-    def counting_step(self):
-        report = step(self)
-        if current[0] is not None:
-            c = counted[current[0]]
-            c["steps"] += 1
-            c["after_step"].append((c["grad"], c["hvp"]))
-        return report
-
-    def counting_run(problem, solver, target, *, name, **kwargs):
-        counted[name] = {"grad": 0, "hvp": 0, "steps": 0, "after_step": [], "problem": problem}
-        current[0] = name
-        try:
-            return run(problem, solver, target, name=name, **kwargs)
-        finally:
-            current[0] = None
-
-    mp.setattr(LossFunction, "gradient", counting_gradient)
-    mp.setattr(HessianOperator, "_matmat", counting_matmat)
-    mp.setattr(Solver, "step", counting_step)
-    mp.setattr(suite, "run", counting_run)
-    return counted
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
 def test_seed_loop_reaches_the_target_monotone_with_counted_costs(one_thread, small_networks, monkeypatch, net,
                                                                   loss):
-    counted = _counting(monkeypatch)
+    counted = count_suite_work(monkeypatch)
     target = TARGETS[loss]
     start = time.perf_counter()
     (point,) = bench.run_suite(n_train=[16], n_classes=[2], target=target, quiet=True, device="cpu", net=net,

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 import exponential_euler_solver as euler
 from exponential_euler_solver.errors import NonFiniteError, StepRejectedError
 
-from conftest import VectorNet, quadratic_problem, unflatten_reference
+from conftest import VectorNet, quadratic_problem, tiny_classifier, unflatten_reference
 
 
 # -- problems ------------------------------------------------------------------------------------------------
@@ -19,13 +19,7 @@ def exact_flow(A, target, theta0, t):
 
 @pytest.fixture
 def mlp_problem():
-    torch.manual_seed(0)
-    X = torch.randn(20, 6, dtype=torch.float64)
-    y = torch.randint(0, 3, (20,))
-    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
-    loss = euler.LossFunction(TensorDataset(X, y), torch.nn.CrossEntropyLoss(), net)
-    params = loss.initialize_parameters(dtype=torch.float64)
-    return loss, params
+    return tiny_classifier(20)
 
 
 def reference_loss(loss):
