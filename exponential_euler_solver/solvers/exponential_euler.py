@@ -165,9 +165,14 @@ class SplitSteps:
         delta, info = multistep.propose(self._grad, self._history, V, mu, coords, dt)
         return Proposal(delta=delta, cache={"kind": "etd2", "info": info, "coords": coords}, error_order=2)
 
+    @property
+    def _multistep(self) -> bool:
+        """Whether steps follow the multistep scheme (``rtol=None`` is the plain one-step rule under any scheme)."""
+        return self.scheme == "multistep" and self.rtol is not None
+
     # -- the contract --------------------------------------------------------------------------------------------
     def _propose(self, dt: float) -> Proposal:
-        if self.scheme == "multistep" and self.rtol is not None and self._history is not None:
+        if self._multistep and self._history is not None:
             return self._etd2(dt)
         delta, predicted = self._plain(dt)
         if self.scheme == "heun" and self.corrector:
@@ -192,7 +197,7 @@ class SplitSteps:
         return 0.5 * dt * max(0.0, mismatch - noise)
 
     def _on_accept(self, dt: float, proposal: Proposal, new_grad: Tensor) -> None:
-        if self.scheme != "multistep" or self.rtol is None:
+        if not self._multistep:
             return
         cache = proposal.cache
         coords = cache.get("coords") if cache.get("kind") == "etd2" else None
@@ -284,8 +289,7 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         self.n_stiff = n_stiff
         self.corrector = (self.rtol is not None) if corrector is None else bool(corrector)
         if stability_fraction is None:  # the plain rule (rtol=None) is one-step: Euler's bound
-            multistep_run = scheme == "multistep" and self.rtol is not None
-            stability_fraction = DEFAULT_STABILITY_FRACTION if multistep_run else 1.0
+            stability_fraction = DEFAULT_STABILITY_FRACTION if self._multistep else 1.0
         stability_fraction = positive_float("stability_fraction", stability_fraction)
         if stability_fraction > 1:
             raise ValueError(f"stability_fraction must be in (0, 1]; got {stability_fraction!r}")
@@ -319,7 +323,7 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         return MULTISTEP_MAX_EIG_AGE if self.scheme == "multistep" else super()._default_max_eig_age()
 
     def _refresh_due(self) -> bool:
-        if self.scheme != "multistep" or self.rtol is None or self.tracker.vectors is None:
+        if not self._multistep or self.tracker.vectors is None:
             return super()._refresh_due()
         return (self._capped_age >= self.max_eig_age
                 or self.tracker.age >= MULTISTEP_AGE_BACKSTOP * self.max_eig_age)
@@ -331,7 +335,7 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
     def _on_reject(self, finite: bool, decreased: bool, ratio: Optional[float]) -> None:
         # The multistep scheme refreshes only when the rejection looks like stale curvature: a loss that rose or
         # was not finite, or an error far over the tolerance; a ratio a little over 1 is the controller reaching.
-        if self.scheme == "multistep" and self.rtol is not None and finite and decreased and (
+        if self._multistep and finite and decreased and (
                 ratio is None or ratio <= STALE_RATIO):
             return
         super()._on_reject(finite, decreased, ratio)
@@ -345,7 +349,7 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
     def _first_dt(self) -> Optional[float]:
         """The first step of the multistep scheme (a one-step start): small enough that its first-order error
         ``(dt/2) |lambda_{k+1}| ||g||`` is within the tolerance, ``SAFETY * rtol / |lambda_{k+1}|``."""
-        if self.scheme != "multistep" or self.rtol is None:
+        if not self._multistep:
             return None
         curvature = self._stability_curvature()
         return None if curvature == 0 else SAFETY * self.rtol / curvature
