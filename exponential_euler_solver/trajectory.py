@@ -24,7 +24,7 @@ from .errors import CheckpointError
 from .files import FORMAT_VERSION, PathLike, deep_equal, format_problem, torch_load, torch_save
 
 __all__ = ["Trajectory", "TRAJECTORY_FORMAT", "COLUMNS", "TIMING_COLUMNS", "hermite_point", "hermite_crossing",
-           "hermite_loss"]
+           "hermite_loss", "relative_deviation"]
 
 TRAJECTORY_FORMAT = "exponential_euler_solver/trajectory"
 
@@ -114,6 +114,13 @@ def hermite_crossing(t0: float, t1: float, loss0: float, loss1: float, slope0: O
         else:
             lo = mid
     return hi
+
+
+def relative_deviation(params: Tensor, reference: Tensor, origin: Tensor) -> float:
+    """``||params - reference|| / ||reference - origin||`` (float64 norms): how far a trajectory is from the
+    reference at one time, relative to how far the reference has moved from where both started."""
+    scale = torch.linalg.vector_norm((reference - origin).double())
+    return float(torch.linalg.vector_norm((params - reference).double()) / scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,9 +233,8 @@ class Trajectory:
             p, p_ref = self.params_at(tau), reference.params_at(tau)
             if p is None or p_ref is None:
                 continue
-            scale = torch.linalg.vector_norm((p_ref - origin).double())
             times.append(tau)
-            out.append(float(torch.linalg.vector_norm((p - p_ref).double()) / scale))
+            out.append(relative_deviation(p, p_ref, origin))
         return times, out
 
     @property

@@ -47,7 +47,7 @@ from ..files import atomic_write
 from ..integrate import Stop
 from ..linalg import top_eigenpairs
 from ..solvers import SOLVERS, GradientDescent, RungeKutta4Solver
-from ..trajectory import Trajectory
+from ..trajectory import Trajectory, relative_deviation
 from .peer import PEER_SOLVERS, PeerSolver, import_peer
 from .problem import Problem
 from .suite import REFERENCE_MAX_STEP, gradient_seconds, warm_up
@@ -186,9 +186,8 @@ def load_or_compute_reference(problem: Problem, target: float, dataset: str, cac
     return reference
 
 
-def _metrics(method: WPMethod, trajectory: Optional[Trajectory], crossing: Optional[float], reference: Reference,
-             problem: Problem, deviations: List[float], steps, n_grad, n_hvp, n_loss, wall, t_grad,
-             stop_reason: str, monotone, error=None) -> WPPoint:
+def _metrics(method: WPMethod, crossing: Optional[float], reference: Reference, deviations: List[float], steps,
+             n_grad, n_hvp, n_loss, wall, t_grad, stop_reason: str, monotone, error=None) -> WPPoint:
     t_ref = reference.crossing_time
     err = None if crossing is None else (crossing - t_ref) / t_ref
     return WPPoint(family=method.family, knob=method.knob, value=method.value, converged=stop_reason == "target",
@@ -209,7 +208,7 @@ def _run_solver(method: WPMethod, problem: Problem, reference: Reference, lambda
     head = trajectory.head(steps)
     _, deviations = trajectory.deviations(reference.trajectory, problem.init_params)
     row = head.rows()[-1] if len(head) else {"n_grad": 0, "n_hvp": 0}
-    return _metrics(method, trajectory, head.crossing_time(target), reference, problem, deviations, steps,
+    return _metrics(method, head.crossing_time(target), reference, deviations, steps,
                     row["n_grad"], row["n_hvp"], 0, head.wall_time, t_grad, trajectory.stop_reason or "target",
                     head.strictly_decreasing, head.error)
 
@@ -264,10 +263,8 @@ def _run_torchdiffeq(method: WPMethod, problem: Problem, reference: Reference, l
         except TORCHDIFFEQ_FAILURES:
             sol = None  # the crossing stands; the deviations are left out
         for i, tau in enumerate(reference.times if sol is not None else ()):
-            p_ref = reference.trajectory.params_at(tau)
-            scale = torch.linalg.vector_norm((p_ref - problem.init_params).double())
-            deviations.append(float(torch.linalg.vector_norm((sol[i + 1] - p_ref).double()) / scale))
-    return _metrics(method, None, crossing, reference, problem, deviations, None, n_grad, 0, n_loss, wall, t_grad,
+            deviations.append(relative_deviation(sol[i + 1], reference.trajectory.params_at(tau), problem.init_params))
+    return _metrics(method, crossing, reference, deviations, None, n_grad, 0, n_loss, wall, t_grad,
                     stop, None, error)
 
 
