@@ -195,6 +195,15 @@ def quadratic_problem(eigvals, seed=0):
     return loss, A, target, theta0
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test, the caller's count restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_classifier(n_examples: int) -> tuple[LossFunction, Tensor]:
     """A float64 6 -> 8 -> tanh -> 3 MLP with cross-entropy on ``n_examples`` random points (seed 0), through the
     library's LossFunction, and its initial parameters."""

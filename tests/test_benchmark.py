@@ -249,14 +249,6 @@ def test_tables_mark_runs_that_did_not_converge():
                      "Adaptive Gradient Time": "1.235"}]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_max_steps_ends_the_run_unconverged(one_thread, small_network):
     (result,) = run_benchmark(n_train=[16], n_classes=[2], solvers=["adaptive"], target=1e-6, max_steps=2,
                               quiet=True, device="cpu")

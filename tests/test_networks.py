@@ -51,14 +51,6 @@ def small_networks(monkeypatch):
     monkeypatch.setattr(problem_module, "build_cnn", _small_cnn)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------
 # the CNN
 @pytest.mark.parametrize("n_classes", [2, 10])
