@@ -387,3 +387,23 @@ def test_seed_helpers_match_eigh_of_dense_references(helper, tiny_loss, tiny_pro
     res = _residuals(M, vals, vecs)
     bound = 1.5e-8 * torch.maximum(vals.abs(), 1e-3 * vals.abs().max()) + 1e-13 * float(M.abs().max())
     assert bool((res <= bound).all()), f"{helper}: residuals {res.tolist()} vs bound {bound.tolist()}"
+
+
+@pytest.mark.parametrize("n", [0, 5, blocks.NORM_CHUNK, 3 * blocks.NORM_CHUNK + 17])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_norm_matches_float64_norm(n, dtype):
+    # Rows of NORM_CHUNK entries and a ragged tail; entries spread over 8 decades, where a float32 norm over all
+    # entries at once loses ~1e-4 at millions of entries. The float64 reference sees the same (rounded) entries.
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=gen, dtype=F64) * 10 ** (8 * torch.rand(n, generator=gen, dtype=F64) - 6)).to(dtype)
+    ref = float(torch.linalg.vector_norm(x.double()))
+    assert blocks.norm(x) == pytest.approx(ref, rel=1e-6 if dtype == torch.float32 else 1e-13, abs=0)
+    assert blocks.norm(x.view(-1, 1)) == pytest.approx(ref, rel=1e-6 if dtype == torch.float32 else 1e-13, abs=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", [0, blocks.NORM_CHUNK + 3])  # in a row, in the tail
+def test_norm_is_not_finite_with_a_non_finite_entry(bad, where):
+    x = torch.ones(blocks.NORM_CHUNK + 5)
+    x[where] = bad
+    assert not torch.isfinite(torch.tensor(blocks.norm(x)))

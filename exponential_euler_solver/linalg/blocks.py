@@ -8,12 +8,13 @@ float32 reduction over all 2.6M entries at once lost ~1e-3 relative on this proj
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "gram", "dot", "norm", "row_norms", "apply", "drop_tol", "whitener", "orthonormalize",
+__all__ = ["CHUNK", "NORM_CHUNK", "gram", "dot", "norm", "row_norms", "apply", "drop_tol", "whitener", "orthonormalize",
            "random_columns"]
 
 CHUNK = 1 << 14
@@ -34,9 +35,23 @@ def dot(a: Tensor, b: Tensor) -> float:
     return float(torch.dot(a, b))
 
 
+#: Entries per row of :func:`norm`'s row norms.
+NORM_CHUNK = 1 << 12
+
+
 def norm(a: Tensor) -> float:
-    """``||a||`` of a 1-D tensor, accumulated in float64 without a float64 copy."""
-    return float(torch.linalg.vector_norm(a, dtype=torch.float64))
+    """``||a||`` of a tensor as a Python float, in one pass without copies: the norms of rows of
+    :data:`NORM_CHUNK` entries in ``a``'s dtype, their squares summed in float64. Measured on this project's CPU at
+    2.6M float32 entries spread over 8 decades: 1e-7 relative to the float64 value, 0.2 ms, where
+    ``vector_norm(a, dtype=float64)`` took 2.6 ms and a float32 ``vector_norm`` over all entries lost 7e-5. Any
+    non-finite entry makes it non-finite (so does an entry whose square overflows)."""
+    flat = a.reshape(-1)
+    rows = flat.numel() // NORM_CHUNK
+    body = rows * NORM_CHUNK
+    sq = torch.linalg.vector_norm(flat[:body].view(rows, NORM_CHUNK), dim=1).double().square().sum()
+    if body < flat.numel():
+        sq = sq + float(torch.linalg.vector_norm(flat[body:])) ** 2
+    return math.sqrt(float(sq))
 
 
 def row_norms(A: Tensor) -> Tensor:

@@ -64,6 +64,7 @@ from torch import Tensor
 from .._timing import clock
 from .._validate import non_negative_int, positive_float, positive_int
 from ..errors import NonFiniteError, StepRejectedError, UnstableStepError
+from ..linalg.blocks import norm as _norm
 from .control import DEFAULT_RTOL, StepSizeController
 
 __all__ = ["Solver", "StepReport", "Proposal", "DEFAULT_RTOL", "MAX_REJECTIONS", "check_loss"]
@@ -74,9 +75,6 @@ ROUNDOFF_FACTOR = 64  # loss changes below this many ulps of the loss count as "
 DEFAULT_CHECK_EVERY = 100  # steps between data-parallel checks that all ranks hold the same parameters
 
 
-def _norm(x: Tensor) -> float:
-    """``||x||`` accumulated in float64 without a float64 copy."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
 def check_loss(loss) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._validate import positive_float
-from ..linalg.blocks import gram
+from ..linalg.blocks import gram, norm
 from . import multistep
 from .base import Proposal, check_loss
 from .control import DEFAULT_RTOL, SAFETY
@@ -134,13 +134,13 @@ class SplitSteps:
 
     def _heun(self, dt: float, delta: Tensor, predicted: Tensor) -> Proposal:
         stage_loss, stage_grad = self._evaluate(self.params + delta)
-        if not (math.isfinite(stage_loss) and bool(torch.isfinite(stage_grad).all())):
+        if not (math.isfinite(stage_loss) and math.isfinite(norm(stage_grad))):
             return Proposal(delta=delta, finite=False, loss=stage_loss)
         mismatch = stage_grad - predicted
         correction = self._mismatch_correction(dt, mismatch)
-        size = float(torch.linalg.vector_norm(mismatch.double()))
+        size = norm(mismatch)
         signal = max(0.0, 1.0 - self._gradient_noise(mismatch) / size) if size > 0 else 0.0
-        err = signal * float(torch.linalg.vector_norm(correction.double()))
+        err = signal * norm(correction)
         return Proposal(delta=delta + correction, cache={"error": err})
 
     # -- the multistep scheme ------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ class SplitSteps:
             noise = self._gradient_noise(new_grad) * (2 + 2 * info["w"])
             return multistep.milne_factor(info["w"]) * dt * max(0.0, size - noise)
         noise = self._gradient_noise(new_grad)
-        mismatch = float(torch.linalg.vector_norm((new_grad - proposal.cache["predicted"]).double()))
+        mismatch = norm(new_grad - proposal.cache["predicted"])
         return 0.5 * dt * max(0.0, mismatch - noise)
 
     def _on_accept(self, dt: float, proposal: Proposal, new_grad: Tensor) -> None:

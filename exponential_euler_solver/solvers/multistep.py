@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..linalg.blocks import norm
 from .phi import phi1, phi2
 
 __all__ = ["History", "Coordinates", "etd2_weights", "milne_factor", "propose", "milne_error", "CANCELLATION"]
@@ -120,16 +121,16 @@ def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History
     r = torch.add(g_new, g, alpha=-(1 + w))
     r.add_(history.grad, alpha=w)
     if V is None or V.shape[1] == 0:
-        return 0.5 * float(torch.linalg.vector_norm(r, dtype=torch.float64)), None
+        return 0.5 * norm(r), None
     a_new = (V.T @ g_new).double()
     q = mu * (w * coords.e_prev - info["e"])
     vr = a_new - (1 + w) * coords.a + w * coords.a_prev  # V^T r
-    rr = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+    rr = norm(r) ** 2
     ee = rr + 2 * float(q @ vr) + float(q @ q)
     if ee < CANCELLATION * rr:
         # Along a stiff direction r and V q nearly cancel: the expansion lost its digits, so E is formed.
         r.addmv_(V, q.to(r.dtype))
-        ee = float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2
+        ee = norm(r) ** 2
     ve = vr + q
     weighted = ee / 4 + float(((info["f2"] ** 2 - 0.25) * ve * ve).sum())
     return math.sqrt(max(weighted, 0.0)), a_new
