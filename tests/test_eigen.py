@@ -407,3 +407,28 @@ def test_norm_is_not_finite_with_a_non_finite_entry(bad, where):
     x = torch.ones(blocks.NORM_CHUNK + 5)
     x[where] = bad
     assert not torch.isfinite(torch.tensor(blocks.norm(x)))
+
+
+def test_cold_tol_per_pair_stops_when_each_pair_meets_its_own(matrix):
+    # The first pair (-19.86) to 1e-10, the nearly tied pair (-4.73, 4.70) only to 1e-2: fewer products than
+    # asking 1e-10 of all three, and each pair's true residual (recomputed against A) within its own tolerance.
+    k, tols = 3, torch.tensor([1e-10, 1e-2, 1e-2], dtype=F64)
+    seen = []
+
+    def cold_tol(theta):
+        seen.append(theta.clone())
+        return tols
+
+    loose = top_eigenpairs(DenseOperator(matrix), k, tol=1e-10, max_iters=MAX_ITERS, cold_tol=cold_tol,
+                           generator=torch.Generator().manual_seed(1))
+    tight = top_eigenpairs(DenseOperator(matrix), k, tol=1e-10, max_iters=MAX_ITERS,
+                           generator=torch.Generator().manual_seed(1))
+    assert seen and all(t.shape == (k,) and t.dtype == F64 for t in seen)
+    assert loose.converged and tight.converged
+    assert loose.n_products < tight.n_products, (loose.n_products, tight.n_products)
+    res = _residuals(matrix, loose.eigenvalues, loose.eigenvectors)
+    assert bool((res <= tols * loose.eigenvalues.abs()).all()), (res.tolist(), loose.eigenvalues.tolist())
+    expected = _expected(matrix, k, "LM")
+    assert float(loose.eigenvalues[0]) == pytest.approx(float(expected[0]), rel=1e-12)
+    # A residual r puts an eigenvalue within r of each Ritz value (and the loose ones keep their signs).
+    assert bool(((loose.eigenvalues - expected).abs() <= res).all()), (loose.eigenvalues.tolist(), expected.tolist())

@@ -164,7 +164,9 @@ def test_error_control_shrinks_the_step_without_new_hvps(mlp_problem, scheme, gr
         assert r.rejections >= 1
     else:
         assert r.dt <= 0.9 * 1e-4 / abs(float(r.eigvals[-1])) * (1 + 1e-12), (r.dt, r.eigvals)
-    plain = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 1, rtol=None)
+    # (The same stability fraction: the cold start's tolerances follow from it.)
+    plain = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 1, rtol=None,
+                                         stability_fraction=solver.stability_fraction)
     rp = plain.step()
     assert r.dt < rp.dt
     # Retries reuse the eigenpairs: the HVP count equals the one of the plain solver's single proposal.
@@ -422,3 +424,41 @@ def test_exponential_euler_with_all_but_one_direction_stiff_is_exact():
     with pytest.raises(ValueError, match=rf"stiff_dim must be a positive int smaller than the number of "
                                          rf"parameters \({P}\); got {P}"):
         euler.ExponentialEulerSolver(theta0.clone(), loss, 0.3, P)
+
+
+def test_split_step_tolerances_loosen_the_pairs_near_the_cap():
+    from exponential_euler_solver.solvers.tracking import LOOSE_TOL, split_step_tolerances
+
+    # The seed's digits at 64x4 (initialisation): the cap pair 396.1 and the pairs within 1/0.8 of it are loose.
+    theta = torch.tensor([811.7, -414.6, 413.9, 396.1], dtype=torch.float64)
+    assert split_step_tolerances(1e-2, 0.8)(theta).tolist() == [1e-2, LOOSE_TOL, LOOSE_TOL, LOOSE_TOL]
+    # With Euler's bound (fraction 1) only the cap pair and its ties.
+    assert split_step_tolerances(1e-2, 1.0)(theta).tolist() == [1e-2, 1e-2, 1e-2, LOOSE_TOL]
+    assert split_step_tolerances(1e-2, 1.0)(theta[:1]).tolist() == [LOOSE_TOL]
+    # Never tighter than asked.
+    assert split_step_tolerances(0.5, 0.8)(theta).tolist() == [0.5] * 4
+
+
+@pytest.mark.parametrize("eig_tol", [None, 1e-9])
+def test_cold_start_meets_the_tolerance_where_the_step_needs_it(mlp_problem, eig_tol):
+    # Against the dense Hessian: by default, the pairs above |lambda_{k+1}| / fraction meet the default tolerance
+    # and the others have relative residuals of at most LOOSE_TOL; a tolerance passed by the user holds for all.
+    from exponential_euler_solver.solvers.tracking import DEFAULT_EIG_TOL, LOOSE_TOL
+
+    loss, params = mlp_problem
+    kwargs = {} if eig_tol is None else {"eig_tol": eig_tol}
+    solver = euler.ExponentialEulerSolver(params.clone(), loss, 10.0, 3, **kwargs)
+    solver.step()
+    H = dense_hessian(loss, params)
+    vals, V = solver.tracker.values, solver.tracker.vectors.double()
+    assert solver.tracker.n_refreshes == 1
+    rel = torch.linalg.norm(H @ V - V * vals, dim=0) / vals.abs()
+    if eig_tol is None:
+        tight = vals.abs() > vals[-1].abs() / solver.stability_fraction
+        allowed = torch.where(tight, torch.tensor(DEFAULT_EIG_TOL), torch.tensor(LOOSE_TOL)).double()
+    else:
+        allowed = torch.full_like(vals, eig_tol)
+    assert bool((rel <= allowed * (1 + 1e-6)).all()), (vals.tolist(), rel.tolist(), allowed.tolist())
+    ev = torch.linalg.eigvalsh(H)
+    top = ev[torch.argsort(ev.abs(), descending=True)][:4]
+    assert float(vals[0]) == pytest.approx(float(top[0]), rel=1e-4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch import Tensor
 from .blocks import gram, orthonormalize, random_columns, row_norms
 from .lanczos import KRYLOV_WIDTH, block_krylov
 from .lobpcg import LOBPCG
-from .select import WHICH, scaled, select
+from .select import WHICH, scaled, select, thresholds
 
 __all__ = ["EigenResult", "top_eigenpairs", "default_tol"]
 
@@ -66,7 +66,8 @@ def _check_int(name: str, value, low: int, rule: str) -> int:
 def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor] = None,
                    tol: Optional[float] = None, max_iters: int = 100,
                    generator: Optional[torch.Generator] = None, block_size: Optional[int] = None,
-                   krylov_dim: Optional[int] = None) -> EigenResult:
+                   krylov_dim: Optional[int] = None,
+                   cold_tol: Optional[Callable[[Tensor], Tensor]] = None) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator: warm-started LOBPCG, or block Lanczos from cold.
 
     Stops when every residual satisfies ``||A v_i - lambda_i v_i|| <= tol * max(|lambda_i|, ZERO_FLOOR *
@@ -97,6 +98,9 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
             not checked for convergence but keep the method from settling on an eigenpair that is not among
             the ``k`` wanted ones (a residual test alone cannot tell). Default ``k + max(2, k // 2)``, or
             ``j`` when ``init`` has ``j >= k`` columns (a warm start needs no guard to stay put).
+        cold_tol: the cold start's relative tolerance per pair, from the ``k`` wanted Ritz values (float64, ordered
+            by ``which``) to a ``(k,)`` tensor, when some pairs need less than ``tol`` (e.g. a pair of which only
+            the eigenvalue is used); default ``tol`` for each. ``converged`` is then judged by it.
         krylov_dim: largest Krylov basis of a cold start, in vectors; ``0`` starts LOBPCG from random vectors.
             Default ``6 * block_size``: the memory of LOBPCG's own blocks (``S`` and ``AS``, ``3 * block_size``
             rows each).
@@ -139,11 +143,12 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
 
     if init is None and krylov_dim >= block_size + KRYLOV_WIDTH:
         budget = (max_iters + 1) * block_size
-        start = block_krylov(operator, k, block_size, which, tol, krylov_dim, budget, generator)
+        start_tol = tol if cold_tol is None else cold_tol
+        start = block_krylov(operator, k, block_size, which, start_tol, krylov_dim, budget, generator)
         products += start.products
         if start.converged or products + block_size > budget:
             return _result(operator, start_products, products, start.theta[:k], start.X[:k], start.rnorm[:k],
-                           start.restarts, tol)
+                           start.restarts, start_tol)
         # A block turned out dependent first (the Krylov space is invariant in some direction): LOBPCG goes on
         # from the Ritz vectors, within what is left of the budget.
         init = start.X.T
@@ -192,7 +197,7 @@ def _dense(operator, k: int, which: str, tol: float) -> EigenResult:
 
 
 def _result(operator, start_products: Optional[int], products: int, theta: Tensor, X: Tensor, rnorm: Tensor,
-            iters: int, tol: float) -> EigenResult:
+            iters: int, tol: Union[float, Callable[[Tensor], Tensor]]) -> EigenResult:
     """The wanted pairs from rows ``X`` (orthonormal up to rounding in the operator's dtype), renormalised."""
     norms = row_norms(X)
     X = (X / norms.to(X.dtype)[:, None]).T  # (n, k), each vector contiguous (a view of the rows, no copy)
@@ -200,4 +205,4 @@ def _result(operator, start_products: Optional[int], products: int, theta: Tenso
     if start_products is not None:
         products = operator.n_products - start_products
     return EigenResult(eigenvalues=theta, eigenvectors=X, residual_norms=rnorm, n_products=products,
-                       n_iterations=iters, converged=bool((rnorm <= tol * scaled(theta)).all()))
+                       n_iterations=iters, converged=bool((rnorm <= thresholds(theta, len(theta), tol)).all()))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .blocks import gram, orthonormalize, random_columns, row_norms, whitener
-from .select import scaled, select
+from .select import select, thresholds
 
 __all__ = ["KRYLOV_WIDTH", "KrylovResult", "block_krylov"]
 
@@ -47,13 +47,15 @@ class KrylovResult:
     converged: bool
 
 
-def block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, budget: int,
+def block_krylov(operator, k: int, b: int, which: str, tol: Union[float, Callable[[Tensor], Tensor]], dim: int,
+                 budget: int,
                  generator: Optional[torch.Generator], start: Optional[Tensor] = None) -> KrylovResult:
     """Thick-restarted block Lanczos (Wu & Simon 2000) from ``KRYLOV_WIDTH`` random vectors (or ``start``, an
     ``(n, w)`` block): Rayleigh-Ritz on a
     Krylov basis of at most ``dim`` vectors, grown until its ``k`` wanted Ritz pairs meet ``tol`` (with at least
     ``b`` vectors in the basis) or ``budget`` products are spent. A full basis restarts from its ``b`` best Ritz
-    vectors.
+    vectors. ``tol`` is a relative residual tolerance, or a callable giving one per pair from the ``k`` wanted
+    Ritz values (float64, ordered by ``which``).
 
     Each new block is orthogonalised against the blocks it couples to, then against the whole basis (classical
     Gram-Schmidt, float64 coefficients; a second full pass only when needed, see :data:`REORTHOGONALIZE_BELOW`),
@@ -98,7 +100,7 @@ def block_krylov(operator, k: int, b: int, which: str, tol: float, dim: int, bud
         theta, Z = values[idx], Z[:, idx]
         ZE = Z[lo:hi]
         rnorm = (ZE * (G @ ZE)).sum(0).clamp_min(0).sqrt()
-        converged = idx.numel() >= b and not bool((rnorm[:k] > tol * scaled(theta)[:k]).any())
+        converged = idx.numel() >= b and not bool((rnorm[:k] > thresholds(theta, k, tol)).any())
         whiten = whitener(G, dtype)
         grow = whiten.shape[1]
         if converged or grow < W.shape[0] or products + grow > budget:

@@ -24,6 +24,7 @@ from .base import Proposal, check_loss
 from .control import DEFAULT_RTOL, SAFETY
 from .eigen_based import EigenSolverBase
 from .phi import phi0, phi1, phi2
+from .tracking import split_step_tolerances
 
 __all__ = ["SplitSteps", "StiffSplitSolver", "ExponentialEulerSolver", "stiff_step_lengths", "SCHEMES",
            "DEFAULT_STABILITY_FRACTION"]
@@ -259,6 +260,10 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         stability_fraction: ``c``, in ``(0, 1]``; default :data:`DEFAULT_STABILITY_FRACTION` for ``"multistep"``
             with error control, 1 for the one-step rules (``"heun"``, or ``rtol=None``).
         eig_max_iters: LOBPCG iterations per warm refresh; default the scheme's (:data:`DEFAULT_EIG_MAX_ITERS`).
+        eig_tol: the eigenpairs' relative residual tolerance, for every pair and refresh. When it is not given,
+            the cold start asks it only of the pairs the step needs accurately (see
+            :func:`~exponential_euler_solver.solvers.tracking.split_step_tolerances`; the others, the last among
+            them, get a relative residual of 0.1 there).
         **kwargs: :class:`~exponential_euler_solver.solvers.eigen_based.EigenSolverBase` and
             :class:`~exponential_euler_solver.solvers.base.Solver` options.
 
@@ -294,6 +299,8 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         if stability_fraction > 1:
             raise ValueError(f"stability_fraction must be in (0, 1]; got {stability_fraction!r}")
         self.stability_fraction = stability_fraction
+        if "eig_tol" not in kwargs:  # a tolerance the user asked for holds for every pair
+            self.tracker.cold_tol = split_step_tolerances(self.tracker.tol, stability_fraction)
         self._history: Optional[multistep.History] = None
         self._coords: Optional[multistep.Coordinates] = None
         self._capped_age = 0  # steps since the refresh that the stability cap bound (multistep)
