@@ -569,3 +569,39 @@ def test_shuffle_raises(tiny_problem):
 def test_bad_hvp_chunk_size_raises(tiny_problem, chunk):
     with pytest.raises(ValueError, match="hvp_chunk_size"):
         LossFunction(tiny_problem.dataset, nn.CrossEntropyLoss(), tiny_problem.net, hvp_chunk_size=chunk)
+
+
+class _WithUnusedParameter(nn.Module):
+    """Two layers and a parameter the forward never reads (its gradient and curvature are zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(3, 4)
+        self.unused = nn.Parameter(torch.ones(5))
+        self.second = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+@pytest.mark.parametrize("batch_size", [3, 7])  # three uneven batches, one
+def test_gradient_and_hessian_products_per_parameter_match_dense_references(batch_size, close):
+    # The gradient and the reverse-over-reverse products are taken with respect to the named parameter tensors
+    # and laid out flat: compare with torch.func on the flat vector (the reference layout of conftest).
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    net = _WithUnusedParameter().double()
+    loss = LossFunction(TensorDataset(x, y), nn.CrossEntropyLoss(), net, batch_size=batch_size)
+    theta = torch.randn(loss.n_params, generator=gen, dtype=torch.float64)
+
+    def reference(t):
+        return F.cross_entropy(torch.func.functional_call(net, unflatten_reference(net, t), (x,)), y)
+
+    value, g = loss.gradient(theta)
+    close(value, reference(theta), 1e-12, "loss")
+    close(g, torch.func.grad(reference)(theta), 1e-12, "gradient")
+    assert bool((unflatten_reference(net, g)["unused"] == 0).all())
+    H = torch.func.hessian(reference)(theta)
+    V = torch.randn(loss.n_params, 4, generator=gen, dtype=torch.float64)
+    close(HessianOperator(loss, theta, chunk_size=1).matmat(V), H @ V, 1e-10, "reverse-over-reverse H @ V")

@@ -45,13 +45,21 @@ class HessianOperator(LossOperator):
         return hv + 0 * v
 
     def _reverse_over_reverse(self, params: Tensor, batch, block: Tensor, out: Tensor) -> None:
+        # With respect to the named parameter tensors, not the flat vector (see LossFunction.gradient): through
+        # slices of a flat vector every product would pad each parameter's part to the full size and sum them.
+        loss = self.loss
         with torch.enable_grad():
-            p = params.detach().requires_grad_(True)
-            g = torch.autograd.grad(self.loss.batch_loss(p, batch), p, create_graph=True)[0]
-            if not g.requires_grad:  # the loss is linear in the parameters
+            named = {name: t.detach().requires_grad_(True) for name, t in loss.unflatten(params.detach()).items()}
+            leaves = list(named.values())
+            grads = torch.autograd.grad(loss.batch_loss(named, batch), leaves, create_graph=True, allow_unused=True)
+            pairs = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if not pairs:  # the loss is linear in the parameters
                 return
             m = block.shape[1]
-            for i in range(m):
-                hv = torch.autograd.grad(g, p, block[:, i], retain_graph=i < m - 1, allow_unused=True)[0]
-                if hv is not None:
-                    out[:, i] += hv
+            for col in range(m):
+                v = list(loss.unflatten(block[:, col]).values())
+                hv = torch.autograd.grad([g for g, _ in pairs], leaves, [v[i] for _, i in pairs],
+                                         retain_graph=col < m - 1, allow_unused=True)
+                for piece, part in zip(loss.unflatten(out[:, col]).values(), hv):
+                    if part is not None:
+                        piece += part
