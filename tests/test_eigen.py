@@ -91,9 +91,9 @@ def test_eigenpairs_match_eigh(matrix, which, k):
 @pytest.mark.parametrize("which,k", [("LM", 3), ("LA", 2)])
 def test_ragged_chunks_match_eigh(matrix, monkeypatch, which, k):
     # Long reductions and in-place rotations run over column chunks; 7 leaves a ragged last chunk of 50 entries.
-    # (The old eigen._CHUNK is linalg.blocks.CHUNK; linalg.lobpcg imports it by name, so both are patched.)
+    # (The reductions' chunks are linalg.blocks.CHUNK, the in-place rotation's linalg.lobpcg.ROTATE_CHUNK.)
     monkeypatch.setattr(blocks, "CHUNK", 7)
-    monkeypatch.setattr(lobpcg, "CHUNK", 7)
+    monkeypatch.setattr(lobpcg, "ROTATE_CHUNK", 7)
     calls = []
     real_gram = blocks.gram
 
@@ -432,3 +432,22 @@ def test_cold_tol_per_pair_stops_when_each_pair_meets_its_own(matrix):
     assert float(loose.eigenvalues[0]) == pytest.approx(float(expected[0]), rel=1e-12)
     # A residual r puts an eigenvalue within r of each Ritz value (and the loose ones keep their signs).
     assert bool(((loose.eigenvalues - expected).abs() <= res).all()), (loose.eigenvalues.tolist(), expected.tolist())
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])  # the basis stored one vector per row, or per column
+@pytest.mark.parametrize("a", [1, 3, blocks.LOOP_FROM_COLUMNS + 1])  # batched, and the row-major loop
+def test_gram_and_row_norms_match_float64(monkeypatch, layout, a):
+    monkeypatch.setattr(blocks, "CHUNK", 64)
+    monkeypatch.setattr(blocks, "NORM_CHUNK", 32)
+    gen = torch.Generator().manual_seed(a)
+    n = 10 * 64 + 13  # ten chunks and a ragged tail
+    rows_a = torch.randn(a, n, generator=gen)
+    rows_b = torch.randn(2, n, generator=gen)
+    A, B = (rows_a.T, rows_b.T) if layout == "rows" else (rows_a.T.contiguous(), rows_b.T.contiguous())
+    ref = rows_a.double() @ rows_b.double().T
+    got = blocks.gram(A, B)
+    assert got.dtype == F64 and got.shape == (a, 2)
+    assert float((got - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+    norms = blocks.row_norms(rows_a)
+    assert norms.dtype == F64
+    assert torch.allclose(norms, torch.linalg.vector_norm(rows_a.double(), dim=1), rtol=1e-6, atol=0)

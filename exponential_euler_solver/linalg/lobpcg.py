@@ -15,15 +15,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .blocks import CHUNK, row_norms, whitener
+from .blocks import gram, row_norms, whitener
 from .select import scaled, select
 
-__all__ = ["LOBPCG", "project", "rotate", "rayleigh_ritz"]
+__all__ = ["LOBPCG", "project", "rotate", "rayleigh_ritz", "ROTATE_CHUNK"]
+
+#: Columns per chunk of the in-place rotation: its products are short (``m`` terms), so the chunk sets only the
+#: temporary's size (``b`` rows) and the number of Python-level products (10 at 2.6M entries).
+ROTATE_CHUNK = 1 << 18
 
 
 def project(S: Tensor, AS: Tensor, m: int, ritz: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(S S^T, S AS^T)`` in float64 over the first ``m`` rows of the row blocks ``S``, ``AS`` (one vector per
-    row), in one pass over column chunks.
+    row), chunked as :func:`~.blocks.gram`.
 
     With ``ritz`` (``b`` values), rows ``[:b]`` are the Ritz vectors of the previous Rayleigh-Ritz: their blocks
     are ``I`` and ``diag(ritz)`` by construction (up to the rounding of the rotation that formed them), so only
@@ -31,10 +35,8 @@ def project(S: Tensor, AS: Tensor, m: int, ritz: Optional[Tensor] = None) -> tup
     b = 0 if ritz is None else ritz.shape[0]
     M = torch.zeros(m, m, dtype=torch.float64, device=S.device)
     K = torch.zeros(m, m, dtype=torch.float64, device=S.device)
-    for start in range(0, S.shape[1], CHUNK):
-        s = S[b:m, start:start + CHUNK]
-        M[b:] += (s @ S[:m, start:start + CHUNK].T).double()
-        K[b:] += (s @ AS[:m, start:start + CHUNK].T).double()
+    M[b:] = gram(S[b:m].T, S[:m].T)
+    K[b:] = gram(S[b:m].T, AS[:m].T)
     if b:
         M[:b, :b] = torch.eye(b, dtype=torch.float64, device=S.device)
         K[:b, :b] = torch.diag(ritz)
@@ -50,8 +52,8 @@ def rotate(S: Tensor, AS: Tensor, m: int, Y: Tensor, Yp: Optional[Tensor] = None
     b = Y.shape[1]
     Yt = Y.T.to(S.dtype)
     Pt = None if Yp is None else Yp[b:].T.to(S.dtype)
-    for start in range(0, S.shape[1], CHUNK):
-        cols = slice(start, start + CHUNK)
+    for start in range(0, S.shape[1], ROTATE_CHUNK):
+        cols = slice(start, start + ROTATE_CHUNK)
         for A in (S, AS):
             x = Yt @ A[:m, cols]
             if Pt is not None:
