@@ -23,15 +23,19 @@ class GaussNewtonOperator(LossOperator):
     """
 
     def _batch_matmat(self, params: Tensor, batch, block: Tensor, out: Tensor) -> None:
+        # With respect to the named parameter tensors (see LossFunction.gradient): through slices of the flat vector
+        # every vjp would pad each parameter's part to the full size and sum them.
+        loss = self.loss
         *inputs, labels = batch
-        f = lambda p: self.loss.outputs(p, inputs)  # noqa: E731
-        outputs, vjp_fn = vjp(f, params)
+        named = loss.unflatten(params.detach())
+        f = lambda p: loss.outputs(p, inputs)  # noqa: E731
+        outputs, vjp_fn = vjp(f, named)
         outputs = outputs.detach()
-        total = lambda o: self.loss.output_loss(o, labels)  # noqa: E731
+        total = lambda o: loss.output_loss(o, labels)  # noqa: E731
 
         def column(v: Tensor) -> Tensor:
-            jv = jvp(f, (params,), (v,))[1]
-            return vjp_fn(jvp(grad(total), (outputs,), (jv,))[1])[0]
+            jv = jvp(f, (named,), (loss.unflatten(v),))[1]
+            return loss.flatten(vjp_fn(jvp(grad(total), (outputs,), (jv,))[1])[0])
 
         for start in range(0, block.shape[1], self.chunk_size):
             cols = block[:, start:start + self.chunk_size]

@@ -39,10 +39,13 @@ class HessianOperator(LossOperator):
                                                             in_dims=1, out_dims=1)(cols)
 
     def _column(self, params: Tensor, batch, v: Tensor) -> Tensor:
-        hv = jvp(grad(lambda p: self.loss.batch_loss(p, batch)), (params,), (v,))[1]
+        # With respect to the named parameter tensors (see _reverse_over_reverse).
+        loss = self.loss
+        hv = jvp(grad(lambda p: loss.batch_loss(p, batch)), (loss.unflatten(params.detach()),),
+                 (loss.unflatten(v),))[1]
         # Where the gradient does not depend on the parameters (zero curvature) jvp returns a tangent that does
         # not depend on v either, which vmap cannot batch; adding 0 * v makes it depend on v.
-        return hv + 0 * v
+        return loss.flatten(hv) + 0 * v
 
     def _reverse_over_reverse(self, params: Tensor, batch, block: Tensor, out: Tensor) -> None:
         # With respect to the named parameter tensors, not the flat vector (see LossFunction.gradient): through
