@@ -32,7 +32,7 @@ def split_step_tolerances(tol: float, fraction: float, loose: float = LOOSE_TOL)
     from the exponential to the explicit part, where the error estimate sees it. What those pairs must get right
     is their magnitude, for the cap, and a residual of ``loose`` bounds that (with the margin of ``fraction``).
     Measured on the benchmark's digits (n_train 64, exponential Euler, multistep scheme): the cold start took
-    23 instead of 28 products at 4 classes (the 4th pair, 396.1, next to 376) and 25 instead of 41 at 10 (pairs 6
+    15 instead of 28 products at 4 classes (the 4th pair, 396.1, next to 376) and 24 instead of 41 at 10 (pairs 6
     to 10, 263 down to 237, all within 1/0.8 of the 10th), same steps and crossing times to 0.005%.
     """
     def tolerances(theta: Tensor) -> Tensor:
