@@ -451,3 +451,43 @@ def test_gram_and_row_norms_match_float64(monkeypatch, layout, a):
     norms = blocks.row_norms(rows_a)
     assert norms.dtype == F64
     assert torch.allclose(norms, torch.linalg.vector_norm(rows_a.double(), dim=1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("which,k", [("LM", 3), ("LA", 2)])
+def test_a_workspace_kept_between_solves_gives_the_same_pairs(matrix, which, k):
+    # A cold start and two warm ones through one workspace (its rows reused, not reallocated) against eigh and
+    # against the same solves without a workspace; the last one writes its vectors over its own starting vectors.
+    op = DenseOperator(matrix)
+    workspace = blocks.Workspace()
+    cold = top_eigenpairs(op, k, which=which, tol=TOL, max_iters=MAX_ITERS, generator=torch.Generator().manual_seed(0),
+                          workspace=workspace)
+    _check_result(matrix, cold, k, which, TOL, 1e-9)
+    rows = workspace._rows
+    start = cold.eigenvectors + 1e-3 * torch.randn(N, k, generator=torch.Generator().manual_seed(1), dtype=F64)
+    plain = top_eigenpairs(op, k, which=which, init=start, tol=TOL, max_iters=MAX_ITERS)
+    kept = top_eigenpairs(op, k, which=which, init=start, tol=TOL, max_iters=MAX_ITERS, workspace=workspace)
+    assert workspace._rows is rows and not any(t.data_ptr() == rows.data_ptr()
+                                                for t in (kept.eigenvectors, cold.eigenvectors))
+    _check_result(matrix, kept, k, which, TOL, 1e-9)
+    assert torch.equal(kept.eigenvalues, plain.eigenvalues) and torch.equal(kept.eigenvectors, plain.eigenvectors)
+    own = start.T.contiguous()  # the starting vectors' memory receives the result
+    into = top_eigenpairs(op, k, which=which, init=own.T, tol=TOL, max_iters=MAX_ITERS, workspace=workspace, out=own)
+    assert into.eigenvectors.data_ptr() == own.data_ptr()
+    assert torch.equal(into.eigenvalues, plain.eigenvalues) and torch.equal(into.eigenvectors, plain.eigenvectors)
+
+
+def test_lobpcg_moves_the_active_residuals_up_in_place(matrix):
+    # The residuals are formed in the rows of S that expand() fills; with a converged pair between two active ones
+    # the active residuals must move up, normalised, exactly as the gathered copy R[idx] / ||R[idx]|| would be.
+    X = torch.linalg.qr(torch.randn(N, 4, generator=torch.Generator().manual_seed(2), dtype=F64))[0]
+    solve = lobpcg.LOBPCG(DenseOperator(matrix), X, 4, "LM", 1e-12)
+    solve.update()
+    R = solve._R.clone()
+    assert torch.allclose(R, (matrix @ solve.S[:4].T).T - solve.theta[:, None] * solve.S[:4], atol=1e-12)
+    solve._active = torch.tensor([True, False, True, True])
+    solve.expand()
+    idx = [0, 2, 3]
+    expected = R[idx] / blocks.row_norms(R[idx])[:, None]
+    assert solve._m == 4 + 3
+    assert torch.equal(solve.S[4:7], expected)
+    assert torch.allclose(solve.AS[4:7], (matrix @ expected.T).T, atol=1e-12)

@@ -201,3 +201,36 @@ def test_a_rejection_refreshes_only_when_the_curvature_looks_stale(mlp):
     m = heun.tracker.n_refreshes
     heun._on_reject(True, True, 2.0)  # the heun scheme refreshes on any rejection of older pairs
     assert heun.tracker.n_refreshes == m + 1
+
+
+def test_refreshes_write_over_the_kept_vectors_but_never_over_what_was_handed_out(mlp):
+    # By default a refresh writes the new eigenvectors into the previous ones' memory (no new memory per refresh);
+    # a state_dict taken before keeps its own copy. With report_eigvecs every report's vectors stay as reported.
+    loss, p0 = mlp
+    solver = euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2, max_eig_age=1, rtol=None, eig_max_iters=20)
+    solver.step()
+    kept = solver.tracker.vectors
+    state = solver.state_dict()
+    before = kept.clone()
+    for _ in range(3):
+        point = solver.params.clone()  # where the step's refresh happens
+        solver.step()
+    assert solver.tracker.vectors.data_ptr() == kept.data_ptr() and solver.tracker.n_refreshes == 4
+    assert not torch.equal(kept, before)  # the refreshes moved them, in place
+    assert torch.equal(state["method"]["tracker"]["vectors"], before)
+    # Against a dense reference: the overwritten vectors are eigenpairs of the Hessian at the last refresh's
+    # point, to the tracker's tolerance, and the top three by magnitude.
+    H = torch.func.hessian(loss.batch_loss)(point, next(iter(loss.batches())))
+    vals = torch.linalg.eigvalsh(H)
+    lam = solver.tracker.values
+    residuals = torch.linalg.vector_norm(H @ kept - kept * lam, dim=0)
+    assert bool((residuals <= solver.tracker.tol * lam.abs()).all()), (residuals, lam)
+    assert torch.allclose(lam, vals[vals.abs().argsort(descending=True)[:3]], rtol=1e-3)
+
+    reporting = euler.ExponentialEulerSolver(p0.clone(), loss, 0.5, 2, max_eig_age=1, rtol=None, report_eigvecs=True)
+    reports = [reporting.step() for _ in range(3)]
+    copies = [r.eigvecs.clone() for r in reports]
+    for _ in range(2):
+        reporting.step()
+    assert all(torch.equal(r.eigvecs, c) for r, c in zip(reports, copies))
+    assert len({r.eigvecs.data_ptr() for r in reports}) == 3

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .blocks import gram, orthonormalize, random_columns, row_norms
+from .blocks import Workspace, gram, orthonormalize, random_columns, row_norms
 from .lanczos import KRYLOV_WIDTH, block_krylov
 from .lobpcg import LOBPCG
 from .select import WHICH, scaled, select, thresholds
@@ -67,7 +67,8 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
                    tol: Optional[float] = None, max_iters: int = 100,
                    generator: Optional[torch.Generator] = None, block_size: Optional[int] = None,
                    krylov_dim: Optional[int] = None,
-                   cold_tol: Optional[Callable[[Tensor], Tensor]] = None) -> EigenResult:
+                   cold_tol: Optional[Callable[[Tensor], Tensor]] = None,
+                   workspace: Optional[Workspace] = None, out: Optional[Tensor] = None) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator: warm-started LOBPCG, or block Lanczos from cold.
 
     Stops when every residual satisfies ``||A v_i - lambda_i v_i|| <= tol * max(|lambda_i|, ZERO_FLOOR *
@@ -104,6 +105,10 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
         krylov_dim: largest Krylov basis of a cold start, in vectors; ``0`` starts LOBPCG from random vectors.
             Default ``6 * block_size``: the memory of LOBPCG's own blocks (``S`` and ``AS``, ``3 * block_size``
             rows each).
+        workspace: a :class:`~.blocks.Workspace` for the Krylov basis and LOBPCG's blocks, kept by a caller that
+            solves again and again (an eigen-tracker); default: new blocks. The returned vectors never live in it.
+        out: a contiguous ``(k, n)`` tensor to write the eigenvectors into (the result's ``eigenvectors`` is then
+            ``out.T``); it may be ``init``'s memory, which is read before ``out`` is written. Default: a new one.
 
     Returns:
         An :class:`EigenResult`.
@@ -144,11 +149,12 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     if init is None and krylov_dim >= block_size + KRYLOV_WIDTH:
         budget = (max_iters + 1) * block_size
         start_tol = tol if cold_tol is None else cold_tol
-        start = block_krylov(operator, k, block_size, which, start_tol, krylov_dim, budget, generator)
+        start = block_krylov(operator, k, block_size, which, start_tol, krylov_dim, budget, generator,
+                             workspace=workspace)
         products += start.products
         if start.converged or products + block_size > budget:
             return _result(operator, start_products, products, start.theta[:k], start.X[:k], start.rnorm[:k],
-                           start.restarts, start_tol)
+                           start.restarts, start_tol, out)
         # A block turned out dependent first (the Krylov space is invariant in some direction): LOBPCG goes on
         # from the Ritz vectors, within what is left of the budget.
         init = start.X.T
@@ -158,12 +164,12 @@ def top_eigenpairs(operator, k: int, *, which: str = "LM", init: Optional[Tensor
     X = _starting_block(init, n, block_size, generator, dtype, device)
     if X.shape[1] < k:
         raise ValueError(f"init must have {k} linearly independent columns; got rank {X.shape[1]}")
-    solve = LOBPCG(operator, X, k, which, tol)
+    solve = LOBPCG(operator, X, k, which, tol, workspace=workspace)
     del X
     solve.run(max_iters)
     products += solve.products
     return _result(operator, start_products, products, solve.theta[:k], solve.vectors[:k], solve.rnorm[:k],
-                   solve.iterations, tol)
+                   solve.iterations, tol, out)
 
 
 def _starting_block(init: Optional[Tensor], n: int, block_size: int, generator, dtype, device) -> Tensor:
@@ -197,10 +203,11 @@ def _dense(operator, k: int, which: str, tol: float) -> EigenResult:
 
 
 def _result(operator, start_products: Optional[int], products: int, theta: Tensor, X: Tensor, rnorm: Tensor,
-            iters: int, tol: Union[float, Callable[[Tensor], Tensor]]) -> EigenResult:
-    """The wanted pairs from rows ``X`` (orthonormal up to rounding in the operator's dtype), renormalised."""
+            iters: int, tol: Union[float, Callable[[Tensor], Tensor]], out: Optional[Tensor] = None) -> EigenResult:
+    """The wanted pairs from rows ``X`` (orthonormal up to rounding in the operator's dtype), renormalised (into
+    ``out`` when given)."""
     norms = row_norms(X)
-    X = (X / norms.to(X.dtype)[:, None]).T  # (n, k), each vector contiguous (a view of the rows, no copy)
+    X = torch.div(X, norms.to(X.dtype)[:, None], out=out).T  # (n, k), each vector contiguous (a view of the rows)
     rnorm = rnorm / norms
     if start_products is not None:
         products = operator.n_products - start_products

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .blocks import gram, orthonormalize, random_columns, row_norms, whitener
+from .blocks import Workspace, gram, orthonormalize, random_columns, row_norms, scratch_rows, whitener
 from .select import select, thresholds
 
 __all__ = ["KRYLOV_WIDTH", "KrylovResult", "block_krylov"]
@@ -49,7 +49,8 @@ class KrylovResult:
 
 def block_krylov(operator, k: int, b: int, which: str, tol: Union[float, Callable[[Tensor], Tensor]], dim: int,
                  budget: int,
-                 generator: Optional[torch.Generator], start: Optional[Tensor] = None) -> KrylovResult:
+                 generator: Optional[torch.Generator], start: Optional[Tensor] = None,
+                 workspace: Optional[Workspace] = None) -> KrylovResult:
     """Thick-restarted block Lanczos (Wu & Simon 2000) from ``KRYLOV_WIDTH`` random vectors (or ``start``, an
     ``(n, w)`` block): Rayleigh-Ritz on a
     Krylov basis of at most ``dim`` vectors, grown until its ``k`` wanted Ritz pairs meet ``tol`` (with at least
@@ -64,11 +65,14 @@ def block_krylov(operator, k: int, b: int, which: str, tol: Union[float, Callabl
     products: ``A x - theta x = W^T z_E``, so ``||A x - theta x||^2 = z_E^T (W W^T) z_E``.
     It also holds after a restart, with ``T = [[diag(theta), s^T], [s, ...]]``. When ``W`` loses a direction
     (dependent on the basis) the relation would not survive the next block, so the search stops there:
-    ``converged`` says whether the pairs are good, and the caller goes on with LOBPCG otherwise."""
+    ``converged`` says whether the pairs are good, and the caller goes on with LOBPCG otherwise. The basis is
+    kept in ``workspace`` when one is given."""
     n, dtype, device = operator.shape[0], operator.dtype, operator.device
     rand = random_columns(n, KRYLOV_WIDTH, generator, dtype, device) if start is None else start.to(dtype)
     Q = orthonormalize(rand)
-    V = Q.new_empty(dim, n)
+    # The basis and, after it, the rows of the next block's image (written in place: no new memory per block).
+    rows = scratch_rows(workspace, dim + Q.shape[1], Q[:, 0])
+    V, image = rows[:dim], rows[dim:]
     T = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     lo, hi = 0, Q.shape[1]
     V[:hi] = Q.T
@@ -77,17 +81,18 @@ def block_krylov(operator, k: int, b: int, which: str, tol: Union[float, Callabl
     near = 0  # first row of the blocks the new one couples to in exact arithmetic (the last two; after a restart,
     #           the Ritz block too)
     while True:
-        W = operator.matmat(V[lo:hi].T).T.contiguous()
+        W = image[:hi - lo]
+        operator.matmat(V[lo:hi].T, out=W.T)
         products += hi - lo
         # The three-term part first, on the few rows the image really lies along, then one pass over the whole
         # basis for what rounding spread elsewhere, and a second only when that pass removed most of a vector.
         C = torch.zeros(hi, W.shape[0], dtype=torch.float64, device=device)
         C[near:hi] = gram(V[near:hi].T, W.T)
-        W -= C[near:hi].T.to(dtype) @ V[near:hi]
+        W.addmm_(C[near:hi].T.to(dtype), V[near:hi], alpha=-1)
         before = row_norms(W)
         for _ in range(2):
             C_pass = gram(V[:hi].T, W.T)
-            W -= C_pass.T.to(dtype) @ V[:hi]
+            W.addmm_(C_pass.T.to(dtype), V[:hi], alpha=-1)
             C += C_pass
             G = gram(W.T, W.T)
             if not bool((G.diagonal().clamp_min(0).sqrt() < REORTHOGONALIZE_BELOW * before).any()):
@@ -115,7 +120,7 @@ def block_krylov(operator, k: int, b: int, which: str, tol: Union[float, Callabl
             hi = b
             restarts += 1
             lo = 0
-        V[hi:hi + grow] = whiten.T.to(dtype) @ W
+        torch.mm(whiten.T.to(dtype), W, out=V[hi:hi + grow])
         near, lo, hi = lo, hi, hi + grow
     return KrylovResult(theta=theta, X=Z.T.to(dtype) @ V[:hi], rnorm=rnorm, products=products, restarts=restarts,
                         converged=converged)

@@ -2,8 +2,9 @@
 
 Rayleigh-Ritz on the span of the current vectors ``X``, their residuals ``R = AX - X Theta`` and the previous
 search directions ``P``. The basis lives in two row blocks, one vector per row (contiguous): ``S = [X; P; R]`` and
-``AS = A S``, at most ``3b`` rows each. Ritz vectors and search directions are formed in place, column chunk by
-column chunk; of the ``(m, m)`` projections ``S S^T`` and ``S AS^T`` (float64) only the rows of ``P`` and ``R`` are
+``AS = A S``, at most ``3b`` rows each (in a caller's :class:`~.blocks.Workspace` when one is given); the residuals
+are formed in their rows of ``S``. Ritz vectors and search directions are formed in place, column chunk by column
+chunk; of the ``(m, m)`` projections ``S S^T`` and ``S AS^T`` (float64) only the rows of ``P`` and ``R`` are
 multiplied out, since the Ritz block is ``I`` and ``diag(theta)`` by construction. Residual norms come from the
 residual vectors themselves, not from projected matrices (which cancel).
 """
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .blocks import gram, row_norms, whitener
+from .blocks import Workspace, gram, row_norms, scratch_rows, whitener
 from .select import scaled, select
 
 __all__ = ["LOBPCG", "project", "rotate", "rayleigh_ritz", "ROTATE_CHUNK"]
@@ -81,19 +82,20 @@ class LOBPCG:
         k: wanted pairs (the first ``k`` of the ``b`` Ritz pairs must converge).
         which: see :func:`~exponential_euler_solver.linalg.top_eigenpairs`.
         tol: relative residual tolerance.
+        workspace: where the blocks live (kept from one solve to the next); default: new blocks.
 
     Attributes:
         theta, rnorm: the current Ritz values and residual norms (after :meth:`update`).
         products: operator-vector products made, iterations: expansions made.
     """
 
-    def __init__(self, operator, X: Tensor, k: int, which: str, tol: float):
+    def __init__(self, operator, X: Tensor, k: int, which: str, tol: float, workspace: Optional[Workspace] = None):
         self.operator, self.k, self.which, self.tol = operator, k, which, tol
         self.dtype = operator.dtype
-        b, n = X.shape[1], X.shape[0]
+        b = X.shape[1]
         self.b = b
-        self.S = X.new_empty(3 * b, n)
-        self.AS = X.new_empty(3 * b, n)
+        blocks = scratch_rows(workspace, 6 * b, X)
+        self.S, self.AS = blocks[:3 * b], blocks[3 * b:]
         self.S[:b] = X.T
         operator.matmat(self.S[:b].T, out=self.AS[:b].T)
         self.products = b
@@ -117,7 +119,9 @@ class LOBPCG:
             Yp = Yp @ whitener(Yp.T @ M @ Yp, dtype)
             self._n_dirs = Yp.shape[1]
         rotate(S, AS, self._m, Y, Yp)
-        self._R = torch.addcmul(AS[:b], S[:b], -self.theta.to(dtype)[:, None])
+        # The residuals go where expand() will want them, the rows after the search directions.
+        lo = b + self._n_dirs
+        self._R = torch.addcmul(AS[:b], S[:b], -self.theta.to(dtype)[:, None], out=S[lo:lo + b])
         self.rnorm = row_norms(self._R)
         self._active = self.rnorm > self.tol * scaled(self.theta)
 
@@ -133,7 +137,10 @@ class LOBPCG:
         idx = self._active.nonzero()[:, 0]
         lo = self.b + self._n_dirs
         self._m = lo + idx.numel()
-        self.S[lo:self._m] = self._R[idx] / self.rnorm[idx].to(self.dtype)[:, None]
+        for row, active in enumerate(idx.tolist()):  # the active residuals moved up in place (rows lo: hold them)
+            if active != row:
+                self._R[row].copy_(self._R[active])
+        self.S[lo:self._m].div_(self.rnorm[idx].to(self.dtype)[:, None])
         self._R = None
         self.operator.matmat(self.S[lo:self._m].T, out=self.AS[lo:self._m].T)
         self.products += self._m - lo

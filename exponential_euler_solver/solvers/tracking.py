@@ -10,6 +10,7 @@ from torch import Tensor
 from .._timing import clock
 from ..curvature import HessianOperator, operator_class
 from ..linalg import top_eigenpairs
+from ..linalg.blocks import Workspace
 
 __all__ = ["EigenTracker", "DEFAULT_EIG_TOL", "DEFAULT_EIG_MAX_ITERS", "COLD_MAX_ITERS", "LOOSE_TOL",
            "split_step_tolerances"]
@@ -56,6 +57,10 @@ class EigenTracker:
             ``"gn"``, ``"residual"``) or a callable ``(loss, params) -> LinearOperator`` (default the Hessian).
 
     Attributes:
+        reuse_vectors: write each refresh's vectors over the previous ones (no new memory); False keeps every
+            refresh's vectors in their own tensor (for reports that hand them out). Default True.
+        workspace: the eigensolver's scratch blocks (:class:`~exponential_euler_solver.linalg.blocks.Workspace`),
+            kept from one refresh to the next.
         cold_tol: per-pair tolerances of the cold start (see
             :func:`~exponential_euler_solver.linalg.top_eigenpairs`), set by a solver that needs some pairs only
             roughly; None: ``tol`` for each.
@@ -81,15 +86,20 @@ class EigenTracker:
         self.n_refreshes = 0
         self.product_seconds = 0.0
         self.seconds = 0.0
+        self.workspace = Workspace()  # the eigensolver's blocks, kept from one refresh to the next
+        self.reuse_vectors = True
 
     def refresh(self, loss, params: Tensor) -> int:
         """Recompute the eigenpairs at ``params``; returns the number of operator-vector products used."""
         cold = self.vectors is None
         start = clock(params.device)
         operator = self.operator(loss, params)
+        out = None
+        if self.reuse_vectors and not cold and self.vectors.T.is_contiguous():
+            out = self.vectors.T  # overwritten in place: the new vectors, after the solve has read the old ones
         result = top_eigenpairs(operator, self.n_pairs, which="LM", init=self.vectors,
                                 tol=self.tol, max_iters=COLD_MAX_ITERS if cold else self.max_iters,
-                                generator=self.generator, cold_tol=self.cold_tol)
+                                generator=self.generator, cold_tol=self.cold_tol, workspace=self.workspace, out=out)
         self.seconds += clock(params.device) - start
         self.product_seconds += getattr(operator, "seconds", 0.0)
         self.values, self.vectors = result.eigenvalues, result.eigenvectors
@@ -98,7 +108,8 @@ class EigenTracker:
         return result.n_products
 
     def state_dict(self) -> dict:
-        return {"values": self.values, "vectors": self.vectors, "age": self.age, "n_refreshes": self.n_refreshes,
+        vectors = None if self.vectors is None else self.vectors.clone()  # the next refresh may overwrite them
+        return {"values": self.values, "vectors": vectors, "age": self.age, "n_refreshes": self.n_refreshes,
                 "product_seconds": self.product_seconds, "seconds": self.seconds,
                 "generator": self.generator.get_state(), "tol": self.tol, "max_iters": self.max_iters}
 
