@@ -66,44 +66,99 @@ def test_exact_on_a_quadratic_whose_curvature_is_tracked(max_step):
         assert float((p - exact).norm()) < 1e-10, (report.t, float((p - exact).norm()))
 
 
-def test_the_bulk_step_is_variable_step_adams_bashforth():
-    # Adaptive gradient descent tracks no direction: its multistep step is AB2 with the step ratio w = h / h_prev,
-    # theta_{n+1} = theta_n - h (1 + w/2) g_n + h (w/2) g_{n-1}; written out here from the recorded gradients.
+@pytest.mark.parametrize("momentum", [0.0, 0.25, 0.6])
+def test_the_bulk_step_is_the_variable_step_two_step_method(momentum):
+    # Adaptive gradient descent tracks no direction: with momentum 0 its multistep step is AB2 with the step ratio
+    # w = h / h_prev, theta_{n+1} = theta_n - h (1 + w/2) g_n + h (w/2) g_{n-1}; with momentum a it adds
+    # a' (theta_n - theta_{n-1}), a' = a min(1, w), and takes g_n, g_{n-1} with -h (w^2 + 2w - a') / (2w) and
+    # h (w^2 + a') / (2w) (the second-order weights, derived by hand from exactness on 1, t, t^2). Written out here
+    # from the recorded gradients, across the end of the warmup (a step-size change up) and a shorter step.
     loss, A, target, theta0 = quadratic_problem([3.0, 2.0, 1.0, 0.5])
     p = theta0.clone()
-    solver = euler.AdaptiveGradientDescent(p, loss, 0.05, rtol=1e9, warmup_iters=3, warmup_factor=0.3)
+    solver = euler.AdaptiveGradientDescent(p, loss, 0.05, rtol=1e9, warmup_iters=3, warmup_factor=0.3,
+                                           momentum=momentum)
     grads, points, dts = [], [p.clone()], []
-    for _ in range(6):
+    for i in range(7):
+        if i == 5:
+            solver.lr = 0.02  # a shorter step: w < 1
         grads.append(A @ (p - target))
         report = solver.step()
         points.append(p.clone())
         dts.append(report.dt)
-    assert dts[2] != dts[3], dts  # the warmup ends: a step-size change the weights must follow
-    for n in range(1, 6):
+    assert dts[2] < dts[3] and dts[5] < dts[4], dts
+    for n in range(1, 7):
         h, w = dts[n], dts[n] / dts[n - 1]
-        expected = points[n] - h * (1 + w / 2) * grads[n] + h * (w / 2) * grads[n - 1]
+        a = momentum * min(1.0, w)
+        expected = (points[n] - h * (w * w + 2 * w - a) / (2 * w) * grads[n] + h * (w * w + a) / (2 * w) * grads[n - 1]
+                    + a * (points[n] - points[n - 1]))
+        if momentum == 0:
+            assert torch.allclose(expected, points[n] - h * (1 + w / 2) * grads[n] + h * (w / 2) * grads[n - 1],
+                                  rtol=1e-14, atol=0)
         assert float((points[n + 1] - expected).norm()) <= 1e-13 * float(expected.norm()), n
 
 
-def test_milne_estimate_matches_the_local_error():
-    # On y' = -lambda y (a direction the step does not track), the AB2 point's local error over one step from the
-    # exact history is known in closed form; Milne's estimate (2w + 3)/(3w + 3) |C - P| approaches it as h -> 0.
+@pytest.mark.parametrize("momentum,stable,unstable", [(0.0, 0.95, 1.05), (0.25, 1.2, 1.3), (0.5, 1.45, 1.55)])
+def test_momentum_widens_the_real_stability_interval_to_one_plus_a(momentum, stable, unstable):
+    # On g = lambda theta at a fixed step the two-step recurrence is stable for h lambda < 1 + a: iterated here
+    # through the library's step (propose), from a start with a small parasitic component.
+    def final(z):
+        lam, h = 1.0, z
+        theta = torch.tensor([1.0], dtype=torch.float64)
+        history = None
+        for _ in range(400):
+            g = lam * theta
+            if history is None:
+                delta = -h * g
+            else:
+                delta, _ = multistep.propose(g, history, None, None, None, h, momentum)
+            history = multistep.History(grad=g, delta=delta, dt=h, grad_norm=float(g.abs()))
+            theta = theta + delta
+        return float(theta.abs())
+    assert final(stable) < 1e-3
+    assert final(unstable) > 1e3
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.25, 0.5])
+def test_milne_estimate_matches_the_local_error(momentum):
+    # On y' = -lambda y (a direction the step does not track), the predictor's local error over one step from the
+    # exact history is known in closed form; Milne's estimate milne_factor(w, a) |C - P| approaches it as h -> 0.
     lam = 3.0
-    for h, w in ((0.02, 1.0), (0.01, 1.0), (0.01, 0.5)):
+    for h, w in ((0.02, 1.0), (0.01, 1.0), (0.01, 0.5), (0.01, 1.5)):
         hp = h / w
         y0 = 1.0
         y_prev = math.exp(lam * hp)  # the exact solution one step back
         g, g_prev = lam * y0, lam * y_prev
-        p = y0 - h * (1 + w / 2) * g + h * (w / 2) * g_prev
-        g_new = lam * p
         history = multistep.History(grad=torch.tensor([g_prev], dtype=torch.float64),
                                     delta=torch.tensor([y0 - y_prev], dtype=torch.float64), dt=hp,
                                     grad_norm=abs(g_prev))
-        size, _ = multistep.milne_error(h, {"w": w}, torch.tensor([g_new], dtype=torch.float64),
+        delta, info = multistep.propose(torch.tensor([g], dtype=torch.float64), history, None, None, None, h,
+                                        momentum)
+        p = y0 + float(delta)
+        size, _ = multistep.milne_error(h, info, torch.tensor([lam * p], dtype=torch.float64),
                                         torch.tensor([g], dtype=torch.float64), history, None, None, None)
-        estimate = multistep.milne_factor(w) * h * size
+        estimate = multistep.milne_factor(w, info["momentum"]) * h * size
         true = abs(math.exp(-lam * h) - p)
         assert estimate == pytest.approx(true, rel=0.15), (h, w, estimate, true)
+
+
+def test_momentum_arguments():
+    loss, A, target, theta0 = quadratic_problem([3.0, 1.0, 0.5])
+    ad = euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1)
+    assert ad.momentum == 0.25 and ad.stability_fraction == 1.0
+    assert euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, momentum=0).stability_fraction == 0.8
+    assert euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, scheme="heun").momentum == 0.0
+    assert euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1).momentum == 0.0
+    for bad in (1.0, -0.1, "0.2", True):
+        with pytest.raises(ValueError, match=f"momentum must be a number in \\[0, 1\\); got {bad!r}"):
+            euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, momentum=bad)
+    with pytest.raises(ValueError, match="momentum.*1 tracked directions"):
+        euler.ExponentialEulerSolver(theta0.clone(), loss, 0.1, 1, momentum=0.25)
+    with pytest.raises(ValueError, match="momentum.*scheme 'heun'"):
+        euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, scheme="heun", momentum=0.25)
+    # A run's state continues only with the momentum it was saved with.
+    integrate(ad, Stop(steps=3))
+    with pytest.raises(ValueError, match="momentum=0.25"):
+        euler.AdaptiveGradientDescent(theta0.clone(), loss, 0.1, momentum=0.5).load_state_dict(ad.state_dict())
 
 
 def test_one_gradient_per_step_and_monotone_on_a_network(mlp):

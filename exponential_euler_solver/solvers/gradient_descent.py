@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .._validate import positive_float
 from .base import Solver
-from .exponential_euler import SplitSteps, StiffSplitSolver
+from .exponential_euler import MULTISTEP_MOMENTUM, SplitSteps, StiffSplitSolver
 from .tracking import EigenTracker
 
 __all__ = ["GradientDescent", "AdaptiveGradientDescent"]
@@ -69,9 +69,13 @@ class AdaptiveGradientDescent(StiffSplitSolver):
     ``lambda_1`` is the Hessian eigenvalue of largest magnitude at the current point, ``s = warmup_factor``
     during the first ``warmup_iters`` steps and 1 after: the ``k = 0`` case of
     :class:`~exponential_euler_solver.solvers.exponential_euler.StiffSplitSolver`. With error control (``rtol``,
-    default :data:`~exponential_euler_solver.solvers.control.DEFAULT_RTOL`) dt may be smaller still, and by
-    default (``corrector``) the step is Heun's: ``theta - (dt/2) (g + g*)`` with ``g*`` the gradient at the
-    plain step's point; the correction's norm ``(dt/2) ||g* - g||`` (Euler against Heun) is kept below
+    default ``"auto"``) dt may be smaller still. Under the default multistep scheme the step is the second-order
+    two-step one with ``momentum``
+    (:data:`~exponential_euler_solver.solvers.exponential_euler.MULTISTEP_MOMENTUM`, 0.25; see
+    :class:`~exponential_euler_solver.solvers.exponential_euler.StiffSplitSolver`), one gradient per step and
+    stable for ``dt |lambda_1| < 1.25``, so its cap is the rule's ``1 / |lambda_1|`` itself
+    (``stability_fraction`` 1). With ``scheme="heun"`` the step is Heun's, ``theta - (dt/2) (g + g*)`` with
+    ``g*`` the gradient at the plain step's point, and the correction's norm ``(dt/2) ||g* - g||`` is kept below
     ``rtol * ||theta_new - theta||``. ``rtol=None`` gives the plain rule. ``params`` is updated in place.
 
     Args:
@@ -85,6 +89,8 @@ class AdaptiveGradientDescent(StiffSplitSolver):
 
     The report's ``sharpness`` is ``|lambda_1|``.
     """
+
+    default_momentum = MULTISTEP_MOMENTUM
 
     def __init__(self, params: Tensor, loss, lr: float, warmup_iters: int = 0, warmup_factor: float = 1.0, *,
                  rtol="auto", **kwargs):

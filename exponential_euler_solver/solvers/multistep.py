@@ -35,17 +35,28 @@ from torch import Tensor
 from ..linalg.blocks import norm
 from .phi import phi1, phi2
 
-__all__ = ["History", "Coordinates", "etd2_weights", "milne_factor", "propose", "milne_error", "CANCELLATION"]
+__all__ = ["History", "Coordinates", "etd2_weights", "milne_factor", "bulk_weights", "propose", "milne_error",
+           "CANCELLATION"]
 
 # ||E||^2 is expanded as ||r||^2 + 2 q.(V^T r) + ||q||^2 (no pass over V) unless it comes out below this fraction of
 # ||r||^2: ||r||^2 of a float32 vector is good to about 1e-7 relative, so the expansion keeps 3 digits or more.
 CANCELLATION = 1e-4
 
 
-def milne_factor(w: float) -> float:
-    """``(2w + 3) / (3w + 3)``: the variable-step AB2 local error over the difference between the AB2 point and the
-    trapezoidal corrector, for a step ratio ``w = h / h_prev`` (5/6 at ``w = 1``)."""
-    return (2 * w + 3) / (3 * w + 3)
+def milne_factor(w: float, momentum: float = 0.0) -> float:
+    """``(2w^3 + 3w^2 + a) / (3w^3 + 3w^2 + a)``: the predictor's local error over the difference between the
+    predictor and the trapezoidal corrector, for a step ratio ``w = h / h_prev`` and the two-step family's
+    ``a = momentum`` (AB2, ``a = 0``: ``(2w + 3) / (3w + 3)``, 5/6 at ``w = 1``)."""
+    a = momentum
+    return (2 * w ** 3 + 3 * w ** 2 + a) / (3 * w ** 3 + 3 * w ** 2 + a)
+
+
+def bulk_weights(h: float, w: float, momentum: float = 0.0) -> tuple[float, float]:
+    """``(alpha, beta)`` of the explicit step ``delta = alpha g_n + beta g_{n-1} + a delta_{n-1}`` (``a =
+    momentum``), second order for variable steps (``w = h / h_prev``): ``alpha = -h (w^2 + 2w - a) / (2w)``,
+    ``beta = h (w^2 + a) / (2w)``; ``a = 0`` is AB2, ``-(h + h w / 2)`` and ``h w / 2``."""
+    a = momentum
+    return -h * (w * w + 2 * w - a) / (2 * w), h * (w * w + a) / (2 * w)
 
 
 def etd2_weights(mu: Tensor, h: float) -> tuple[Tensor, Tensor]:
@@ -86,20 +97,35 @@ class Coordinates:
 
 
 def propose(g: Tensor, history: History, V: Optional[Tensor], mu: Optional[Tensor], coords: Optional[Coordinates],
-            h: float) -> tuple[Tensor, dict]:
+            h: float, momentum: float = 0.0) -> tuple[Tensor, dict]:
     """The ETD2 step ``delta`` from the current point and what the error estimate needs.
 
     ``delta = -(h + h w / 2) g + (h w / 2) g_prev + V c`` with, per tracked direction,
     ``c_i = (h w / 2) mu_i e_i - h (phi_1i - 1) a_i - h w (phi_2i - 1/2) d_i``, where ``a = V^T g``,
     ``e = V^T delta_prev`` and ``d = V^T D_n = (a - a_prev) - mu e``. Returns ``delta`` and a dict with ``w``,
     and, with tracked directions, ``f2`` (``phi_2`` weights), ``e`` (``V^T delta``).
+
+    Without tracked directions a ``momentum`` ``a`` in ``[0, 1)`` gives the explicit two-step family
+    ``delta = alpha g + beta g_prev + a delta_prev`` (:func:`bulk_weights`), still second order, whose real
+    stability interval is ``h lambda < 1 + a`` (AB2's is 1) and whose spurious root ``a`` at ``h = 0`` damps the
+    difference of successive steps.
     """
     w = h / history.dt
-    alpha, beta = -(h + h * w / 2), h * w / 2
+    tracked = V is not None and V.shape[1] > 0
+    if momentum and tracked:
+        raise ValueError(f"momentum applies to steps without tracked directions; got momentum={momentum!r} with "
+                         f"{V.shape[1]} tracked")
+    # A step shorter than the previous one (w < 1, e.g. a retry after a rejection) takes the momentum scaled by w:
+    # with a fixed a the step would tend to a (h_prev / 2) (g + g_prev + (2 / h_prev) delta_prev), not to 0, as
+    # h -> 0. Any a >= 0 keeps the order, and h lambda <= w < 1 + a keeps it stable.
+    momentum = momentum * min(1.0, w)
+    alpha, beta = bulk_weights(h, w, momentum)
     delta = g * alpha
     delta.add_(history.grad, alpha=beta)
-    info = {"w": w}
-    if V is not None and V.shape[1] > 0:
+    if momentum:
+        delta.add_(history.delta, alpha=momentum)
+    info = {"w": w, "momentum": momentum}
+    if tracked:
         f1, f2 = etd2_weights(mu, h)
         d = (coords.a - coords.a_prev) - mu * coords.e_prev
         c = beta * mu * coords.e_prev - h * (f1 - 1) * coords.a - h * w * (f2 - 0.5) * d
@@ -118,8 +144,13 @@ def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History
     ``||phi_2 E||^2 = ||E||^2 / 4 + sum_i (phi_2i^2 - 1/4) (V^T E)_i^2``.
     """
     w = info["w"]
-    r = torch.add(g_new, g, alpha=-(1 + w))
-    r.add_(history.grad, alpha=w)
+    a = info.get("momentum", 0.0)
+    # With momentum a (no tracked directions) the corrector differs from the predictor by (h/2) (r + (a/w) m),
+    # m = g + g_prev + (2/h_prev) delta_prev: the previous step's trapezoidal defect, O(h^2).
+    r = torch.add(g_new, g, alpha=-(1 + w) + a / w)
+    r.add_(history.grad, alpha=w + a / w)
+    if a:
+        r.add_(history.delta, alpha=2 * a / h)
     if V is None or V.shape[1] == 0:
         return 0.5 * norm(r), None
     a_new = (V.T @ g_new).double()
