@@ -10,14 +10,16 @@ Acta Numerica 2010), with variable steps ``h = dt``, ``h_p`` the previous accept
 
 Along untracked directions ``phi_1 = 1`` and ``phi_2 = 1/2``: variable-step AB2, whose real stability interval is
 ``h lambda < 1``; the caller caps ``h`` by a fraction of ``1/|lambda_{k+1}|``. Along tracked directions of positive
-curvature the local quadratic is integrated exactly, so a stiff direction costs nothing in step size.
+curvature the local quadratic is integrated exactly, so a stiff direction costs nothing in step size. Without
+tracked directions a ``momentum`` ``a`` widens the interval to ``h lambda < 1 + a`` (:func:`propose`,
+:func:`bulk_weights`; adaptive gradient descent uses it).
 
 The error is estimated by Milne's device from the gradient at the new point, which the next step needs anyway: the
 exponential trapezoidal corrector ``theta^C = theta_n - h phi_1 g_n - h phi_2 D_{n+1}`` differs from the accepted
 (predictor) point by ``-h phi_2(-h H_s) (D_{n+1} - w D_n)``, and for smooth solutions the predictor's local error
 is ``(2w + 3) / (3w + 3)`` times that difference (5/6 for equal steps: AB2's error constant 5/12 against the
-trapezoid's -1/12). It is third order in ``h``, so the controller's error ratio (relative to the step) grows like
-``h^2``.
+trapezoid's -1/12; with momentum see :func:`milne_factor`). It is third order in ``h``, so the controller's error
+ratio (relative to the step) grows like ``h^2``.
 
 Everything along ``V`` is kept in ``k`` coordinates (``V^T g``, ``V^T delta``, ...), so a step reads ``V`` twice
 (``V^T g_new`` and ``V w``) and makes about ten passes over vectors of the parameters' size, with no float64 copies.
