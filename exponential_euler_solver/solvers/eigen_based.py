@@ -58,9 +58,7 @@ class EigenSolverBase(Solver):
         self.max_eig_age = positive_int("max_eig_age", max_eig_age)
         self.tracker = EigenTracker(n_pairs, tol=positive_float("eig_tol", eig_tol),
                                     max_iters=non_negative_int("eig_max_iters", eig_max_iters), seed=seed,
-                                    curvature=curvature)
-        # Vectors handed out in reports must not change later; otherwise a refresh overwrites the previous ones.
-        self.tracker.reuse_vectors = not self.report_eigvecs
+                                    curvature=curvature, reuse_vectors=not self.report_eigvecs)
 
     @property
     def eigvals(self) -> Optional[Tensor]:

@@ -146,7 +146,7 @@ def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History
     ``||phi_2 E||^2 = ||E||^2 / 4 + sum_i (phi_2i^2 - 1/4) (V^T E)_i^2``.
     """
     w = info["w"]
-    a = info.get("momentum", 0.0)
+    a = info["momentum"]
     # With momentum a (no tracked directions) the corrector differs from the predictor by (h/2) (r + (a/w) m),
     # m = g + g_prev + (2/h_prev) delta_prev: the previous step's trapezoidal defect, O(h^2).
     r = torch.add(g_new, g, alpha=-(1 + w) + a / w)

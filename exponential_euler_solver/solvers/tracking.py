@@ -55,10 +55,10 @@ class EigenTracker:
         seed: seed of the tracker's own RNG for the cold start (torch's global RNG is never touched).
         curvature: the operator: a name in :data:`~exponential_euler_solver.curvature.OPERATORS` (``"hessian"``,
             ``"gn"``, ``"residual"``) or a callable ``(loss, params) -> LinearOperator`` (default the Hessian).
+        reuse_vectors: write each refresh's vectors over the previous ones (no new memory); False gives every
+            refresh's vectors their own tensor (for reports that hand them out and must not change later).
 
     Attributes:
-        reuse_vectors: write each refresh's vectors over the previous ones (no new memory); False keeps every
-            refresh's vectors in their own tensor (for reports that hand them out). Default True.
         workspace: the eigensolver's scratch blocks (:class:`~exponential_euler_solver.linalg.blocks.Workspace`),
             kept from one refresh to the next.
         cold_tol: per-pair tolerances of the cold start (see
@@ -73,7 +73,7 @@ class EigenTracker:
     """
 
     def __init__(self, n_pairs: int, tol: float = DEFAULT_EIG_TOL, max_iters: int = DEFAULT_EIG_MAX_ITERS,
-                 seed: int = 0, curvature=HessianOperator):
+                 seed: int = 0, curvature=HessianOperator, reuse_vectors: bool = True):
         self.n_pairs = n_pairs
         self.tol = tol
         self.max_iters = max_iters
@@ -87,7 +87,7 @@ class EigenTracker:
         self.product_seconds = 0.0
         self.seconds = 0.0
         self.workspace = Workspace()  # the eigensolver's blocks, kept from one refresh to the next
-        self.reuse_vectors = True
+        self.reuse_vectors = bool(reuse_vectors)
 
     def refresh(self, loss, params: Tensor) -> int:
         """Recompute the eigenpairs at ``params``; returns the number of operator-vector products used."""
