@@ -21,6 +21,7 @@ from tabulate import tabulate
 from .. import __version__
 from ..distributed import get_world_size
 from ..files import atomic_write
+from ..linalg import fused
 from ..solvers import SOLVERS
 from .peer import DEFAULT_MAX_SECONDS, HVP_COUNTING, PEER_PACKAGE, peer_version
 from .results import IMPLEMENTATION, PointResult, RunResult
@@ -361,6 +362,7 @@ def benchmark_record(results: Sequence[RunResult], options: dict, argv: Optional
             "device": str(options["device"]),
             "dtype": str(options["dtype"]).replace("torch.", ""),
             "threads": torch.get_num_threads(),
+            "fused_cpu_loops": fused.compiled(),  # the multistep step's compiled passes (linalg.fused)
             "compare": compare,
             "compare_max_seconds": options.get("compare_max_seconds", DEFAULT_MAX_SECONDS),
             "fidelity": fidelity,

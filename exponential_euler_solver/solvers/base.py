@@ -13,7 +13,9 @@ place** and returns a :class:`StepReport`. The loop is written once, here; a met
     ``self._grad`` (cached, never recomputed). It may evaluate gradients at stage points through
     :meth:`Solver._evaluate`, which counts them; it must not change ``params`` or any state that a retry from
     the same point would see. A stage whose loss or gradient is not finite is reported with
-    ``Proposal(delta, finite=False, loss=...)``.
+    ``Proposal(delta, finite=False, loss=...)``. A method that forms the candidate point or ``||delta||`` in the
+    same pass as ``delta`` hands them over (``Proposal.candidate``, ``Proposal.size``); the loop then does not
+    form them again.
 ``_error_norm(dt, proposal, new_grad) -> float | None``
     The method's local error estimate for the accepted point, in parameter space (an absolute norm), given the
     gradient at the candidate (which the loop evaluates anyway: it is the next step's gradient). None: no
@@ -157,6 +159,9 @@ class Proposal:
         cache: what the method keeps for its own error estimate and acceptance (read only by the method).
         error_order: the order of this proposal's error ratio when it differs from the solver's ``error_order``
             (e.g. the one-step start of a multistep method); None: the solver's.
+        candidate: ``params + delta``, when the method formed it with ``delta`` (in a buffer of its own, not
+            ``params``); None: the loop forms it.
+        size: ``||delta||`` when the method has it; None: the loop computes it (when the error ratio needs it).
     """
 
     delta: Tensor
@@ -164,6 +169,8 @@ class Proposal:
     loss: Optional[float] = None
     cache: Optional[dict] = None
     error_order: Optional[int] = None
+    candidate: Optional[Tensor] = None
+    size: Optional[float] = None
 
 
 class Solver:
@@ -319,7 +326,7 @@ class Solver:
         err = self._error_norm(dt, proposal, new_grad)
         if err is None:
             return None
-        size = _norm(proposal.delta)
+        size = _norm(proposal.delta) if proposal.size is None else proposal.size
         return 0.0 if size == 0 else err / (self.controller.rtol * size)
 
     def _stationary(self, loss0: float, new_loss: float, delta: Tensor) -> bool:
@@ -365,7 +372,7 @@ class Solver:
             proposal = self._propose(dt)
             finite, new_loss = proposal.finite, proposal.loss
             if finite:
-                candidate = self.params + proposal.delta
+                candidate = self.params + proposal.delta if proposal.candidate is None else proposal.candidate
                 new_loss, new_grad = self._evaluate(candidate)
                 new_norm = _norm(new_grad)
                 finite = math.isfinite(new_loss) and math.isfinite(new_norm)

@@ -22,7 +22,10 @@ trapezoid's -1/12; with momentum see :func:`milne_factor`). It is third order in
 ratio (relative to the step) grows like ``h^2``.
 
 Everything along ``V`` is kept in ``k`` coordinates (``V^T g``, ``V^T delta``, ...), so a step reads ``V`` twice
-(``V^T g_new`` and ``V w``) and makes about ten passes over vectors of the parameters' size, with no float64 copies.
+(``V^T g_new`` and ``V c``). On the CPU the step's arithmetic is two fused passes
+(:mod:`~exponential_euler_solver.linalg.fused`): one forms ``delta``, the candidate and ``||delta||``, the other
+``||E||`` and ``V^T g_new`` from the new gradient; elsewhere it is about ten torch operations on vectors of the
+parameters' size, with no float64 copies.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..linalg import fused
 from ..linalg.blocks import norm
 from .phi import phi1, phi2
 
@@ -99,13 +103,16 @@ class Coordinates:
 
 
 def propose(g: Tensor, history: History, V: Optional[Tensor], mu: Optional[Tensor], coords: Optional[Coordinates],
-            h: float, momentum: float = 0.0) -> tuple[Tensor, dict]:
+            h: float, momentum: float = 0.0, *, out: Optional[Tensor] = None, params: Optional[Tensor] = None,
+            candidate: Optional[Tensor] = None) -> tuple[Tensor, dict]:
     """The ETD2 step ``delta`` from the current point and what the error estimate needs.
 
     ``delta = -(h + h w / 2) g + (h w / 2) g_prev + V c`` with, per tracked direction,
     ``c_i = (h w / 2) mu_i e_i - h (phi_1i - 1) a_i - h w (phi_2i - 1/2) d_i``, where ``a = V^T g``,
-    ``e = V^T delta_prev`` and ``d = V^T D_n = (a - a_prev) - mu e``. Returns ``delta`` and a dict with ``w``,
-    and, with tracked directions, ``f2`` (``phi_2`` weights), ``e`` (``V^T delta``).
+    ``e = V^T delta_prev`` and ``d = V^T D_n = (a - a_prev) - mu e``. Returns ``delta`` (written into ``out`` when
+    given) and a dict with ``w``, ``momentum``, ``size`` (``||delta||``) and, with tracked directions, ``f2``
+    (``phi_2`` weights), ``e`` (``V^T delta``). With ``params`` and ``candidate`` given, ``params + delta`` is
+    written into ``candidate`` in the same pass (:func:`~exponential_euler_solver.linalg.fused.combine`).
 
     Without tracked directions a ``momentum`` ``a`` in ``[0, 1)`` gives the explicit two-step family
     ``delta = alpha g + beta g_prev + a delta_prev`` (:func:`bulk_weights`), still second order, whose real
@@ -122,17 +129,19 @@ def propose(g: Tensor, history: History, V: Optional[Tensor], mu: Optional[Tenso
     # h -> 0. Any a >= 0 keeps the order, and h lambda <= w < 1 + a keeps it stable.
     momentum = momentum * min(1.0, w)
     alpha, beta = bulk_weights(h, w, momentum)
-    delta = g * alpha
-    delta.add_(history.grad, alpha=beta)
+    terms = [(g, alpha), (history.grad, beta)]
     if momentum:
-        delta.add_(history.delta, alpha=momentum)
+        terms.append((history.delta, momentum))
     info = {"w": w, "momentum": momentum}
+    c = None
     if tracked:
         f1, f2 = etd2_weights(mu, h)
         d = (coords.a - coords.a_prev) - mu * coords.e_prev
         c = beta * mu * coords.e_prev - h * (f1 - 1) * coords.a - h * w * (f2 - 0.5) * d
-        delta.addmv_(V, c.to(delta.dtype))
         info.update(f2=f2, e=alpha * coords.a + beta * coords.a_prev + c)
+    delta = torch.empty_like(g) if out is None else out
+    size_sq = fused.combine(terms, V if tracked else None, c, out=delta, base=params, shifted=candidate)
+    info["size"] = math.sqrt(size_sq)
     return delta, info
 
 
@@ -144,26 +153,41 @@ def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History
     ``q = mu (w e_prev - e)``, ``E = D_{n+1} - w D_n = r + V q``; ``phi_2`` weighs its coordinates
     ``V^T E = (a_new - (1 + w) a + w a_prev) + q`` (``1/2`` elsewhere), so
     ``||phi_2 E||^2 = ||E||^2 / 4 + sum_i (phi_2i^2 - 1/4) (V^T E)_i^2``.
+
+    ``||E||^2`` and ``V^T g_new`` come from one pass over ``g_new, g, g_prev (, delta_prev), V`` where the compiled
+    loops apply (:func:`~exponential_euler_solver.linalg.fused.residual`; ``E`` is summed, never stored). Else
+    ``r`` is formed and ``||E||^2`` expanded as ``||r||^2 + 2 q.(V^T r) + ||q||^2`` (no further pass over ``V``),
+    or ``E`` formed when that expansion cancels (:data:`CANCELLATION`).
     """
     w = info["w"]
     a = info["momentum"]
     # With momentum a (no tracked directions) the corrector differs from the predictor by (h/2) (r + (a/w) m),
     # m = g + g_prev + (2/h_prev) delta_prev: the previous step's trapezoidal defect, O(h^2).
-    r = torch.add(g_new, g, alpha=-(1 + w) + a / w)
-    r.add_(history.grad, alpha=w + a / w)
+    terms = [(g_new, 1.0), (g, -(1 + w) + a / w), (history.grad, w + a / w)]
     if a:
-        r.add_(history.delta, alpha=2 * a / h)
-    if V is None or V.shape[1] == 0:
-        return 0.5 * norm(r), None
-    a_new = (V.T @ g_new).double()
-    q = mu * (w * coords.e_prev - info["e"])
-    vr = a_new - (1 + w) * coords.a + w * coords.a_prev  # V^T r
-    rr = norm(r) ** 2
-    ee = rr + 2 * float(q @ vr) + float(q @ q)
-    if ee < CANCELLATION * rr:
-        # Along a stiff direction r and V q nearly cancel: the expansion lost its digits, so E is formed.
-        r.addmv_(V, q.to(r.dtype))
-        ee = norm(r) ** 2
+        terms.append((history.delta, 2 * a / h))
+    tracked = V is not None and V.shape[1] > 0
+    q = mu * (w * coords.e_prev - info["e"]) if tracked else None
+    done = fused.residual(terms, V if tracked else None, q)  # ||E||^2 and V^T g_new in one pass
+    if done is not None and not tracked:
+        return 0.5 * math.sqrt(done[0]), None
+    if done is not None:
+        ee, a_new = done
+        vr = a_new - (1 + w) * coords.a + w * coords.a_prev  # V^T r
+    else:
+        r = torch.add(g_new, g, alpha=terms[1][1])
+        for x, c in terms[2:]:
+            r.add_(x, alpha=c)
+        if not tracked:
+            return 0.5 * norm(r), None
+        a_new = (V.T @ g_new).double()
+        vr = a_new - (1 + w) * coords.a + w * coords.a_prev  # V^T r
+        rr = norm(r) ** 2
+        ee = rr + 2 * float(q @ vr) + float(q @ q)
+        if ee < CANCELLATION * rr:
+            # Along a stiff direction r and V q nearly cancel: the expansion lost its digits, so E is formed.
+            r.addmv_(V, q.to(r.dtype))
+            ee = norm(r) ** 2
     ve = vr + q
     weighted = ee / 4 + float(((info["f2"] ** 2 - 0.25) * ve * ve).sum())
     return math.sqrt(max(weighted, 0.0)), a_new
