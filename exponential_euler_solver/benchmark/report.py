@@ -362,7 +362,8 @@ def benchmark_record(results: Sequence[RunResult], options: dict, argv: Optional
             "device": str(options["device"]),
             "dtype": str(options["dtype"]).replace("torch.", ""),
             "threads": torch.get_num_threads(),
-            "fused_cpu_loops": fused.compiled(),  # the multistep step's compiled passes (linalg.fused)
+            # the multistep step's compiled passes (linalg.fused), used on the CPU only
+            "fused_cpu_loops": str(options["device"]).startswith("cpu") and fused.compiled(),
             "compare": compare,
             "compare_max_seconds": options.get("compare_max_seconds", DEFAULT_MAX_SECONDS),
             "fidelity": fidelity,

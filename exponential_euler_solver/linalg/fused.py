@@ -4,8 +4,10 @@ A step of :mod:`~exponential_euler_solver.solvers.multistep` forms ``delta = alp
 V c``, the candidate ``theta + delta`` and ``||delta||``, and after the new gradient the norm of
 ``E = g_new + c1 g + c2 g_prev + c3 delta_prev + V q`` and ``V^T g_new``. As torch operations that is a dozen passes
 over vectors of 2.6M entries (10 MB each in float32), read back from memory after the gradient evicted them from
-the caches; here each group is one loop that reads every input once (measured on this project's 2-core CPU, 2
-threads, cold vectors: 3.5 ms against 5.7 ms for the adaptive step's two groups; see the README).
+the caches; here each group is one loop that reads every input once. Measured on this project's 2-core CPU (2
+threads, inputs evicted from the caches before each group): the adaptive step's two groups 4.5-4.7 ms against
+6.6-6.9 ms as torch operations; with 9 tracked vectors 19-20 ms against 20-24 ms, where the two reads of ``V``
+(95 MB each, near this machine's memory bandwidth) are most of the time.
 
 The loops are a few lines of C, compiled the first time they are needed (about 0.2 s) with the system's C compiler
 (``$CC``, else ``cc``) into ``~/.cache/exponential_euler_solver/kernels`` and loaded with :mod:`ctypes`. Without a
@@ -195,7 +197,7 @@ def _library() -> Optional[ctypes.CDLL]:
             _compile(cc, source, path)
         lib = ctypes.CDLL(path)
     except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
+        detail = str(getattr(exc, "stderr", None) or exc).strip()[-500:]
         warnings.warn(f"exponential_euler_solver: the fused CPU loops could not be built with {cc!r} ({detail}); "
                       f"the step uses torch operations instead (slower by a few passes over the parameters). Set "
                       f"{ENV_SWITCH}=0 to silence this.", RuntimeWarning, stacklevel=3)

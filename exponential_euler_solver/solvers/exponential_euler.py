@@ -110,6 +110,7 @@ class SplitSteps:
     n_stiff = 0
     scheme = "heun"
     corrector = False
+    _scratch_buffers: Optional[list] = None  # see _scratch()
 
     def _stiff(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract when n_stiff > 0
         raise NotImplementedError
@@ -173,8 +174,7 @@ class SplitSteps:
         """``(delta, candidate)`` buffers for a multistep step, kept from step to step (a fresh vector of the
         parameters' size is memory the operating system maps in page by page). There are two for ``delta``, used in
         turn: the previous step's, which the history holds, is never written over."""
-        like = self.params
-        buffers = self.__dict__.get("_scratch_buffers")
+        like, buffers = self.params, self._scratch_buffers
         if buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype \
                 or buffers[0].device != like.device:
             buffers = self._scratch_buffers = [torch.empty_like(like) for _ in range(3)]
