@@ -72,7 +72,8 @@ def test_residual_against_float64(dtype, rel, k, layout, four):
     terms = [(x0, 1.0), (x1, -2.2), (x2, 1.15)] + ([(x3, 0.05)] if four else [])
     V = _basis(n, k, dtype, layout) if k else None
     q = torch.tensor([0.5, -0.25, 1.5, 0.1][:k], dtype=torch.float64) if k else None
-    ee, proj = fused.residual(terms, V, q)
+    ee, proj, sq0 = fused.residual(terms, V, q)
+    assert sq0 == pytest.approx(float(x0.double() @ x0.double()), rel=10 * rel)
     e = sum(c * x.double() for x, c in terms)
     if k:
         e = e + V.double() @ q
@@ -93,7 +94,7 @@ def test_residual_keeps_its_digits_where_the_terms_cancel():
     d = 1e-6 * _vectors(n, 1, torch.float64, seed=5)[0]
     terms = [(g + 2 * d, 1.0), (g + d, -2.0), (g, 1.0)]  # e = 0 exactly in exact arithmetic, up to rounding of d
     exact = sum(c * x for x, c in terms)
-    ee, _ = fused.residual(terms)
+    ee, _, _ = fused.residual(terms)
     assert ee == pytest.approx(float(exact @ exact), rel=1e-6)
 
 
@@ -110,13 +111,13 @@ def test_sums_do_not_depend_on_the_number_of_threads():
             torch.set_num_threads(t)
             out, sh = torch.empty(n), torch.empty(n)
             sq = fused.combine([(x0, 0.1), (x1, -0.2), (x2, 0.3)], V, coef, out=out, base=base, shifted=sh)
-            ee, proj = fused.residual([(x0, 1.0), (x1, -2.0), (x2, 1.0)], V, coef)
-            results.append((sq, out, sh, ee, proj))
+            ee, proj, sq0 = fused.residual([(x0, 1.0), (x1, -2.0), (x2, 1.0)], V, coef)
+            results.append((sq, out, sh, ee, proj, sq0))
     finally:
         torch.set_num_threads(threads)
     for r in results[1:]:
-        assert r[0] == results[0][0] and r[3] == results[0][3]
-        assert all(torch.equal(a, b) for a, b in zip(r[1:3] + r[4:], results[0][1:3] + results[0][4:]))
+        assert (r[0], r[3], r[5]) == (results[0][0], results[0][3], results[0][5])
+        assert all(torch.equal(a, b) for a, b in zip(r[1:3] + r[4:5], results[0][1:3] + results[0][4:5]))
 
 
 @needs_compiler
@@ -203,3 +204,30 @@ def test_the_step_never_writes_over_the_delta_its_history_holds():
         solver.step()
         assert torch.allclose(solver._history.delta, solver.params - before, rtol=0, atol=1e-14)
     assert len(seen) >= 6 and len(set(seen)) == 2  # two buffers, used in turn: no new memory per step
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_new_gradients_norm_from_the_error_pass_is_its_norm(dtype):
+    """The error estimate's pass also sums ||g_new||^2, which the loop then takes instead of its own pass: the
+    reports' slopes (-||g||^2) and the non-finite check rest on it."""
+    loss, params = tiny_classifier(24)
+    if dtype == torch.float32:
+        loss = euler.LossFunction(torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t
+                                                                    for t in loss.dataset.tensors)),
+                                  loss.criterion, loss.net.float(), batch_size=loss.batch_size)
+        params = params.float()
+    solver = euler.AdaptiveGradientDescent(2 * params.clone(), loss, 0.5)
+    error_norm, given = solver._error_norm, []
+
+    def recorded(dt, proposal, new_grad):
+        err = error_norm(dt, proposal, new_grad)
+        given.append(proposal.new_grad_norm)
+        return err
+
+    solver._error_norm = recorded
+    for _ in range(6):
+        report = solver.step()
+        g = solver.current_gradient().double()
+        assert -report.new_slope == pytest.approx(float(g @ g), rel=1e-12 if dtype == torch.float64 else 1e-6)
+    assert given[0] is None and len(given) >= 6 and all(n is not None for n in given[1:])  # the first step is one-step

@@ -2,12 +2,12 @@
 
 A step of :mod:`~exponential_euler_solver.solvers.multistep` forms ``delta = alpha g + beta g_prev + a delta_prev +
 V c``, the candidate ``theta + delta`` and ``||delta||``, and after the new gradient the norm of
-``E = g_new + c1 g + c2 g_prev + c3 delta_prev + V q`` and ``V^T g_new``. As torch operations that is a dozen passes
-over vectors of 2.6M entries (10 MB each in float32), read back from memory after the gradient evicted them from
-the caches; here each group is one loop that reads every input once. Measured on this project's 2-core CPU (2
-threads, inputs evicted from the caches before each group): the adaptive step's two groups 4.5-4.7 ms against
-6.6-6.9 ms as torch operations; with 9 tracked vectors 19-20 ms against 20-24 ms, where the two reads of ``V``
-(95 MB each, near this machine's memory bandwidth) are most of the time.
+``E = g_new + c1 g + c2 g_prev + c3 delta_prev + V q``, ``V^T g_new`` and ``||g_new||``. As torch operations that
+is a dozen passes over vectors of 2.6M entries (10 MB each in float32), read back from memory after the gradient
+evicted them from the caches; here each group is one loop that reads every input once. Measured on this project's
+2-core CPU (2 threads, inputs evicted from the caches before each group): the adaptive step's two groups 4.5-4.7
+ms against 6.6-6.9 ms as torch operations; with 9 tracked vectors 19-20 ms against 20-24 ms, where the two reads
+of ``V`` (95 MB each, near this machine's memory bandwidth) are most of the time.
 
 The loops are a few lines of C, compiled the first time they are needed (about 0.2 s) with the system's C compiler
 (``$CC``, else ``cc``) into ``~/.cache/exponential_euler_solver/kernels`` and loaded with :mod:`ctypes`. Without a
@@ -99,13 +99,14 @@ double ees_combine_SFX(long n, int nt, const real *restrict x0, real c0, const r
     return total;
 }
 
-/* e = c0 x0 + c1 x1 + c2 x2 [+ c3 x3] + V q, never stored; returns sum(e^2) and writes proj = V^T x0 (k entries). */
+/* e = c0 x0 + c1 x1 + c2 x2 [+ c3 x3] + V q, never stored; returns sum(e^2) and writes out[0] = sum(x0^2),
+   out[1 + j] = (V^T x0)_j (1 + k entries). */
 double ees_residual_SFX(long n, int nt, const real *restrict x0, real c0, const real *restrict x1, real c1,
                         const real *restrict x2, real c2, const real *restrict x3, real c3,
                         const real *restrict V, long vi, long vj, int k, const real *restrict q,
-                        double *restrict proj)
+                        double *restrict out)
 {
-    long nb = (n + BLK - 1) / BLK, w = 1 + k;
+    long nb = (n + BLK - 1) / BLK, w = 2 + k;
     double *part = (double *)malloc((size_t)nb * (size_t)w * sizeof(double));
     if (!part) return NAN;
     #pragma omp parallel for schedule(static) num_threads(nt)
@@ -113,24 +114,32 @@ double ees_residual_SFX(long n, int nt, const real *restrict x0, real c0, const 
         real e[BLK];
         long s = b * BLK, m = (s + BLK < n) ? BLK : n - s;
         const real *restrict a0 = x0 + s, *restrict a1 = x1 + s, *restrict a2 = x2 + s;
-        real acc = 0;
+        real acc = 0, sq = 0;
         if (k == 0 && x3) {  /* the adaptive step: one loop, nothing kept */
             const real *restrict a3 = x3 + s;
-            #pragma omp simd reduction(+:acc)
+            #pragma omp simd reduction(+:acc,sq)
             for (long i = 0; i < m; i++) {
                 real r = c0 * a0[i] + c1 * a1[i] + c2 * a2[i] + c3 * a3[i];
                 acc += r * r;
+                sq += a0[i] * a0[i];
             }
-            part[b] = (double)acc;
+            part[b * w] = (double)acc;
+            part[b * w + 1] = (double)sq;
             continue;
         }
         if (x3) {
             const real *restrict a3 = x3 + s;
-            #pragma omp simd
-            for (long i = 0; i < m; i++) e[i] = c0 * a0[i] + c1 * a1[i] + c2 * a2[i] + c3 * a3[i];
+            #pragma omp simd reduction(+:sq)
+            for (long i = 0; i < m; i++) {
+                e[i] = c0 * a0[i] + c1 * a1[i] + c2 * a2[i] + c3 * a3[i];
+                sq += a0[i] * a0[i];
+            }
         } else {
-            #pragma omp simd
-            for (long i = 0; i < m; i++) e[i] = c0 * a0[i] + c1 * a1[i] + c2 * a2[i];
+            #pragma omp simd reduction(+:sq)
+            for (long i = 0; i < m; i++) {
+                e[i] = c0 * a0[i] + c1 * a1[i] + c2 * a2[i];
+                sq += a0[i] * a0[i];
+            }
         }
         for (int j = 0; j < k; j++) {
             const real *restrict v = V + s * vi + j * vj;
@@ -141,17 +150,18 @@ double ees_residual_SFX(long n, int nt, const real *restrict x0, real c0, const 
             } else {
                 for (long i = 0; i < m; i++) { pj += v[i * vi] * a0[i]; e[i] += qj * v[i * vi]; }
             }
-            part[b * w + 1 + j] = (double)pj;
+            part[b * w + 2 + j] = (double)pj;
         }
         #pragma omp simd reduction(+:acc)
         for (long i = 0; i < m; i++) acc += e[i] * e[i];
         part[b * w] = (double)acc;
+        part[b * w + 1] = (double)sq;
     }
     double total = 0.0;
-    for (int j = 0; j < k; j++) proj[j] = 0.0;
+    for (int j = 0; j <= k; j++) out[j] = 0.0;
     for (long b = 0; b < nb; b++) {
         total += part[b * w];
-        for (int j = 0; j < k; j++) proj[j] += part[b * w + 1 + j];
+        for (int j = 0; j <= k; j++) out[j] += part[b * w + 1 + j];
     }
     free(part);
     return total;
@@ -268,9 +278,9 @@ def combine(terms: Sequence[tuple[Tensor, float]], V: Optional[Tensor] = None, c
 
 
 def residual(terms: Sequence[tuple[Tensor, float]], V: Optional[Tensor] = None, q: Optional[Tensor] = None
-             ) -> Optional[tuple[float, Optional[Tensor]]]:
-    """``(||e||^2, V^T x_0)`` for ``e = sum_i c_i x_i + V q`` (three or four terms; ``e`` is never stored;
-    ``V^T x_0`` float64, None without ``V``), or None when the compiled loops do not apply."""
+             ) -> Optional[tuple[float, Optional[Tensor], float]]:
+    """``(||e||^2, V^T x_0, ||x_0||^2)`` for ``e = sum_i c_i x_i + V q`` (three or four terms; ``e`` is never
+    stored; ``V^T x_0`` float64, None without ``V``), or None when the compiled loops do not apply."""
     if not 3 <= len(terms) <= 4:
         raise ValueError(f"residual takes three or four terms; got {len(terms)}")
     x0 = terms[0][0]
@@ -278,8 +288,8 @@ def residual(terms: Sequence[tuple[Tensor, float]], V: Optional[Tensor] = None, 
     if not available(V, *(x for x, _ in terms)):
         return None
     (x0, c0), (x1, c1), (x2, c2), (x3, c3) = (*terms, (None, 0.0))[:4]
-    proj = torch.zeros(k, dtype=torch.float64)
+    out = torch.zeros(1 + k, dtype=torch.float64)
     fn = getattr(_library(), f"ees_residual_{_SUFFIX[x0.dtype][1]}")
     ee = fn(x0.numel(), torch.get_num_threads(), x0.data_ptr(), c0, x1.data_ptr(), c1, x2.data_ptr(), c2, _ptr(x3),
-            c3, _ptr(V), vi, vj, k, _ptr(q), proj.data_ptr())
-    return ee, (proj if V is not None else None)
+            c3, _ptr(V), vi, vj, k, _ptr(q), out.data_ptr())
+    return ee, (out[1:] if V is not None else None), float(out[0])

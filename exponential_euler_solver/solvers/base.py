@@ -19,7 +19,9 @@ place** and returns a :class:`StepReport`. The loop is written once, here; a met
 ``_error_norm(dt, proposal, new_grad) -> float | None``
     The method's local error estimate for the accepted point, in parameter space (an absolute norm), given the
     gradient at the candidate (which the loop evaluates anyway: it is the next step's gradient). None: no
-    estimate. The controller works with ``ratio = error / (rtol * ||delta||)``.
+    estimate. Called before the loop takes the new gradient's norm (whenever the candidate's loss is finite); an
+    estimate that computes that norm in passing sets ``proposal.new_grad_norm`` and saves the loop a pass. The
+    controller works with ``ratio = error / (rtol * ||delta||)``.
 
 and may override:
 
@@ -162,6 +164,8 @@ class Proposal:
         candidate: ``params + delta``, when the method formed it with ``delta`` (in a buffer of its own, not
             ``params``); None: the loop forms it.
         size: ``||delta||`` when the method has it; None: the loop computes it (when the error ratio needs it).
+        new_grad_norm: ``||grad L(candidate)||``, set by ``_error_norm`` when its estimate computed it in passing;
+            None: the loop computes it.
     """
 
     delta: Tensor
@@ -171,6 +175,7 @@ class Proposal:
     error_order: Optional[int] = None
     candidate: Optional[Tensor] = None
     size: Optional[float] = None
+    new_grad_norm: Optional[float] = None
 
 
 class Solver:
@@ -371,15 +376,18 @@ class Solver:
                                         f"{2.0 / curvature:.6g}", step=self.n_steps, t=self.t)
             proposal = self._propose(dt)
             finite, new_loss = proposal.finite, proposal.loss
+            ratio = None
             if finite:
                 candidate = self.params + proposal.delta if proposal.candidate is None else proposal.candidate
                 new_loss, new_grad = self._evaluate(candidate)
-                new_norm = _norm(new_grad)
+                if math.isfinite(new_loss):  # the estimate first: it may give the new gradient's norm in passing
+                    ratio = self._error_ratio(dt, proposal, new_grad)
+                new_norm = _norm(new_grad) if proposal.new_grad_norm is None else proposal.new_grad_norm
                 finite = math.isfinite(new_loss) and math.isfinite(new_norm)
             stationary = finite and self._stationary(loss0, new_loss, proposal.delta)
             decreased = finite and (new_loss < loss0 or stationary)
             # At a stationary point to working precision the error estimate is round-off: nothing to control.
-            ratio = math.inf if not finite else 0.0 if stationary else self._error_ratio(dt, proposal, new_grad)
+            ratio = math.inf if not finite else 0.0 if stationary else ratio
             if self.controller.accepts(finite=finite, decreased=decreased, ratio=ratio):
                 break
             tried.append(new_loss)

@@ -216,6 +216,7 @@ class SplitSteps:
             size, a_new = multistep.milne_error(dt, info, new_grad, self._grad, self._history, V, mu,
                                                 cache["coords"])
             cache["a_new"] = a_new
+            proposal.new_grad_norm = info.get("new_grad_norm")
             w, a = info["w"], info["momentum"]
             noise = self._gradient_noise(new_grad) * (2 + 2 * w + 2 * a / w)
             return multistep.milne_factor(w, a) * dt * max(0.0, size - noise)

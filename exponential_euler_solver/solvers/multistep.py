@@ -154,8 +154,9 @@ def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History
     ``V^T E = (a_new - (1 + w) a + w a_prev) + q`` (``1/2`` elsewhere), so
     ``||phi_2 E||^2 = ||E||^2 / 4 + sum_i (phi_2i^2 - 1/4) (V^T E)_i^2``.
 
-    ``||E||^2`` and ``V^T g_new`` come from one pass over ``g_new, g, g_prev (, delta_prev), V`` where the compiled
-    loops apply (:func:`~exponential_euler_solver.linalg.fused.residual`; ``E`` is summed, never stored). Else
+    ``||E||^2``, ``V^T g_new`` and ``||g_new||`` (recorded as ``info["new_grad_norm"]``) come from one pass over
+    ``g_new, g, g_prev (, delta_prev), V`` where the compiled loops apply
+    (:func:`~exponential_euler_solver.linalg.fused.residual`; ``E`` is summed, never stored). Else
     ``r`` is formed and ``||E||^2`` expanded as ``||r||^2 + 2 q.(V^T r) + ||q||^2`` (no further pass over ``V``),
     or ``E`` formed when that expansion cancels (:data:`CANCELLATION`).
     """
@@ -168,11 +169,12 @@ def milne_error(h: float, info: dict, g_new: Tensor, g: Tensor, history: History
         terms.append((history.delta, 2 * a / h))
     tracked = V is not None and V.shape[1] > 0
     q = mu * (w * coords.e_prev - info["e"]) if tracked else None
-    done = fused.residual(terms, V if tracked else None, q)  # ||E||^2 and V^T g_new in one pass
-    if done is not None and not tracked:
-        return 0.5 * math.sqrt(done[0]), None
+    done = fused.residual(terms, V if tracked else None, q)  # ||E||^2, V^T g_new and ||g_new||^2 in one pass
     if done is not None:
-        ee, a_new = done
+        ee, a_new, new_sq = done
+        info["new_grad_norm"] = math.sqrt(new_sq)
+        if not tracked:
+            return 0.5 * math.sqrt(ee), None
         vr = a_new - (1 + w) * coords.a + w * coords.a_prev  # V^T r
     else:
         r = torch.add(g_new, g, alpha=terms[1][1])
