@@ -430,6 +430,7 @@ class Solver:
             "n_rejected": self.n_rejected,
             "loss_value": self._loss_value,
             "grad": None if self._grad is None else self._grad.clone(),
+            "grad_norm": self._grad_norm,  # as the run computed it (a fused pass rounds differently from _norm)
             "grad_scale": self._grad_scale, "loss_scale": self._loss_scale, "time_grad": self.time_grad,
             "controller": self.controller.state_dict(),
             "method": self._method_state(),
@@ -455,6 +456,7 @@ class Solver:
         self.time_grad = float(state.get("time_grad", 0.0))
         g = state["grad"]
         self._grad = None if g is None else g.to(device=self.params.device, dtype=self.params.dtype).clone()
-        self._grad_norm = None if g is None else _norm(self._grad)
+        saved_norm = state.get("grad_norm")  # files written before it was saved: recomputed
+        self._grad_norm = None if g is None else float(saved_norm) if saved_norm is not None else _norm(self._grad)
         self.controller.load_state_dict(state["controller"])
         self._load_method_state(state["method"])
