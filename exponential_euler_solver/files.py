@@ -23,7 +23,7 @@ from torch import Tensor
 from .distributed import barrier_if_distributed, is_main_process
 from .errors import CheckpointError
 
-__all__ = ["atomic_write", "torch_save", "torch_load", "format_problem", "check_plain", "deep_equal",
+__all__ = ["atomic_write", "cache_folder", "torch_save", "torch_load", "format_problem", "check_plain", "deep_equal",
            "library_version", "FORMAT_VERSION", "PathLike"]
 
 # Raised when the layout of the files changes. Version 1 (before the one integration driver): trajectories
@@ -31,6 +31,12 @@ __all__ = ["atomic_write", "torch_save", "torch_load", "format_problem", "check_
 FORMAT_VERSION = 2
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def cache_folder(name: str) -> str:
+    """``~/.cache/exponential_euler_solver/<name>``: where the library keeps what it can rebuild (RK4 references,
+    compiled loops). Not created here."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "exponential_euler_solver", name)
 
 
 def _umask() -> int:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..distributed import is_distributed, is_main_process, main_process_decides
 from ..errors import CheckpointError
+from ..files import cache_folder
 from ..solvers import SOLVERS
 from . import work_precision
 from .datasets import DATASETS, DEFAULT_DATASET, load_dataset
@@ -120,7 +121,7 @@ def _default_device() -> str:
 
 
 def _default_cache() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "exponential_euler_solver", "references")
+    return cache_folder("references")
 
 
 def build_parser() -> argparse.ArgumentParser:

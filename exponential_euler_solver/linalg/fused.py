@@ -6,10 +6,10 @@ V c``, the candidate ``theta + delta`` and ``||delta||``, and after the new grad
 is a dozen passes over vectors of 2.6M entries (10 MB each in float32), read back from memory after the gradient
 evicted them from the caches; here each group is one loop that reads every input once. Measured on this project's
 2-core CPU (2 threads, inputs evicted from the caches before each group): the adaptive step's two groups 4.5-4.7
-ms against 6.6-6.9 ms as torch operations; with 9 tracked vectors 19-20 ms against 20-24 ms, where the two reads
+ms against 6.6-6.9 ms as torch operations; with 9 tracked vectors 18.7-19.7 ms against 19.9-21.0 ms, where the two reads
 of ``V`` (95 MB each, near this machine's memory bandwidth) are most of the time.
 
-The loops are a few lines of C, compiled the first time they are needed (about 0.2 s) with the system's C compiler
+The loops are a few lines of C, compiled the first time they are needed (0.4-0.6 s) with the system's C compiler
 (``$CC``, else ``cc``) into ``~/.cache/exponential_euler_solver/kernels`` and loaded with :mod:`ctypes`. Without a
 compiler, for tensors that are not on the CPU, not float32/float64 or not contiguous, or with the environment
 variable ``EXPONENTIAL_EULER_SOLVER_FUSED=0``, :func:`combine` runs the same arithmetic as torch operations and
@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..files import atomic_write, cache_folder
 from .blocks import norm
 
 __all__ = ["available", "compiled", "combine", "residual", "BLOCK", "ENV_SWITCH"]
@@ -177,19 +178,19 @@ def _source() -> str:
 
 
 def cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "exponential_euler_solver", "kernels")
+    return cache_folder("kernels")
 
 
 def _compile(cc: str, source: str, path: str) -> None:
-    """Compile ``source`` into the shared library ``path``, written whole (a temporary file renamed over it)."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    """Compile ``source`` into the shared library ``path``, written whole (:func:`~..files.atomic_write`)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
         src, lib = os.path.join(tmp, "fused.c"), os.path.join(tmp, "fused.so")
         with open(src, "w") as f:
             f.write(source)
         subprocess.run([cc, *FLAGS, src, "-o", lib], check=True, capture_output=True, text=True, timeout=120)
-        os.replace(lib, path)
+        with open(lib, "rb") as built:
+            atomic_write(path, lambda f: shutil.copyfileobj(built, f))
 
 
 @functools.lru_cache(maxsize=None)
