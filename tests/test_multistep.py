@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import exponential_euler_solver as euler
-from exponential_euler_solver import Stop, integrate
+from exponential_euler_solver import SaveAt, Stop, integrate
 from exponential_euler_solver.errors import CheckpointError
-from exponential_euler_solver.solvers import multistep
-from exponential_euler_solver.solvers.control import SAFETY
+from exponential_euler_solver.solvers import exponential_euler, multistep
+from exponential_euler_solver.solvers.control import MAX_GROWTH, SAFETY
 from exponential_euler_solver.solvers.exponential_euler import DEFAULT_RTOLS, MULTISTEP_AGE_BACKSTOP
 
-from conftest import quadratic_problem, tiny_classifier
+from conftest import VectorNet, quadratic_problem, tiny_classifier
 
 
 @pytest.fixture
@@ -201,6 +201,76 @@ def test_eigenpairs_age_only_while_the_stability_cap_binds(mlp):
         if report.dt >= 0.999 * cap:
             capped_run += 1
     assert solver.tracker.n_refreshes >= 3
+
+
+def _quartic(weights):
+    """L(theta) = 1/4 sum_i w_i theta_i^4: the flow theta_i(t) = theta_i(0) / sqrt(1 + 2 w_i theta_i(0)^2 t) moves
+    toward 0, where the curvature 3 w_i theta_i^2 falls like 1/t (a spectrum that falls along the trajectory)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    ds = torch.utils.data.TensorDataset(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
+    loss = euler.LossFunction(ds, lambda out, _y: 0.25 * (w * out ** 4).sum(-1), VectorNet(len(weights)))
+    theta0 = torch.ones(len(weights), dtype=torch.float64)
+    return loss, theta0, lambda t: theta0 / torch.sqrt(1 + 2 * w * theta0 ** 2 * t)
+
+
+def _refresh_steps(reports):
+    return [r.step for r in reports if r.eig_age == 0]
+
+
+def test_a_falling_spectrum_is_refreshed_once_the_error_leaves_room(monkeypatch):
+    loss, theta0, exact = _quartic([400.0, 50.0, 20.0, 5.0, 1.0, 0.5])
+    T = 2.0
+    age = exponential_euler.HEADROOM_AGE
+    runs = {}
+    for rule in ("on", "off"):
+        if rule == "off":
+            monkeypatch.setattr(exponential_euler, "HEADROOM_AGE", 10 ** 9)
+        solver = euler.AdaptiveGradientDescent(theta0.clone(), loss, 10.0)
+        reports = []
+        traj = integrate(solver, Stop(time=T), SaveAt(ts=[T]),
+                         callback=lambda report, _, kept=reports: kept.append(report))
+        runs[rule] = (solver, reports)
+        # Both follow the closed-form flow (the rule changes when the pairs are refreshed, not the tolerance).
+        err = float((traj.params[-1] - exact(T)).norm() / exact(T).norm())
+        assert err < 1e-2, (rule, err)
+        assert traj.strictly_decreasing
+    (on, on_reports), (_, off_reports) = runs["on"], runs["off"]
+    first = _refresh_steps(on_reports)[1]
+    # The first warm refresh came right after HEADROOM_AGE steps that the stale cap bound while the error ratio
+    # asked for the controller's largest growth, long before max_eig_age capped steps.
+    roomy = (SAFETY / MAX_GROWTH) ** 2
+    before = on_reports[first - age:first]
+    assert all(r.dt * r.sharpness >= 0.999 and r.error_ratio <= roomy for r in before), \
+        [(r.dt * r.sharpness, r.error_ratio) for r in before]
+    capped = sum(r.dt * r.sharpness >= 0.999 for r in on_reports[:first])
+    assert capped < on.max_eig_age, capped
+    # The sharpness had fallen by far more than HEADROOM_GAIN: the rule stays on, and the run needs fewer steps.
+    assert on_reports[first - 1].sharpness >= 2 * on_reports[first].sharpness
+    assert on._headroom_on
+    assert _refresh_steps(off_reports)[1] > first and len(on_reports) < len(off_reports), \
+        (_refresh_steps(off_reports), first, len(on_reports), len(off_reports))
+
+
+def test_the_rule_turns_off_when_its_refresh_gains_nothing():
+    # A quadratic's spectrum never moves: once the stiff component has decayed the error leaves room at the cap,
+    # the rule's refresh finds the same sharpness, and from then on only max_eig_age capped steps refresh.
+    loss, A, target, theta0 = quadratic_problem([100.0, 1.0, 0.01])
+    solver = euler.AdaptiveGradientDescent(theta0.clone(), loss, 10.0)
+    reports = [solver.step() for _ in range(90)]
+    refreshes = _refresh_steps(reports)
+    headroom = refreshes[1]
+    assert reports[headroom].sharpness == pytest.approx(100.0, rel=1e-6)
+    assert reports[headroom - 1].error_ratio <= (SAFETY / MAX_GROWTH) ** 2
+    assert not solver._headroom_on
+    gaps = [b - a for a, b in zip(refreshes[1:], refreshes[2:])]
+    assert gaps and all(gap == solver.max_eig_age for gap in gaps), refreshes
+    # The state survives a checkpoint: a resumed solver keeps the rule off.
+    resumed = euler.AdaptiveGradientDescent(theta0.clone(), loss, 10.0)
+    resumed.load_state_dict(solver.state_dict())
+    assert not resumed._headroom_on
+    for _ in range(25):
+        ra, rb = solver.step(), resumed.step()
+        assert (ra.dt, ra.eig_age, ra.new_loss) == (rb.dt, rb.eig_age, rb.new_loss)
 
 
 def test_scheme_keyword():

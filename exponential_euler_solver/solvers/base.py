@@ -34,7 +34,8 @@ and may override:
     after it.
 ``_on_accept(dt, proposal, new_grad)``
     Called once the candidate is accepted, before ``params`` and the cached gradient move to it: the place to
-    keep what a multistep method needs from this step.
+    keep what a multistep method needs from this step. ``proposal.error_ratio`` then holds the accepted error
+    ratio.
 ``_report_extras() -> dict``
     Extra :class:`StepReport` fields (``sharpness``, ``eigvals``, ``eigvecs``).
 ``_method_state() / _load_method_state(state)``
@@ -166,6 +167,7 @@ class Proposal:
         size: ``||delta||`` when the method has it; None: the loop computes it (when the error ratio needs it).
         new_grad_norm: ``||grad L(candidate)||``, set by ``_error_norm`` when its estimate computed it in passing;
             None: the loop computes it.
+        error_ratio: the error ratio of the accepted candidate, set by the loop before ``_on_accept``.
     """
 
     delta: Tensor
@@ -176,6 +178,7 @@ class Proposal:
     candidate: Optional[Tensor] = None
     size: Optional[float] = None
     new_grad_norm: Optional[float] = None
+    error_ratio: Optional[float] = None
 
 
 class Solver:
@@ -401,6 +404,7 @@ class Solver:
             dt = self.controller.retry(dt, ratio, finite=finite, decreased=decreased, error_order=proposal.error_order)
             self._on_reject(finite, decreased, ratio)
             dt = min(dt, self._max_dt())  # a refresh on rejection may have lowered the stability cap
+        proposal.error_ratio = ratio
         self._on_accept(dt, proposal, new_grad)
         with torch.no_grad():
             self.params.copy_(candidate)
