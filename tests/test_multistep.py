@@ -271,6 +271,11 @@ def test_the_rule_turns_off_when_its_refresh_gains_nothing():
     for _ in range(25):
         ra, rb = solver.step(), resumed.step()
         assert (ra.dt, ra.eig_age, ra.new_loss) == (rb.dt, rb.eig_age, rb.new_loss)
+    # A state saved before the rule existed loads with the rule's initial state (on, nothing counted).
+    state = solver.state_dict()
+    del state["method"]["headroom"]
+    resumed.load_state_dict(state)
+    assert resumed._headroom_on and resumed._headroom_age == 0
 
 
 def test_scheme_keyword():

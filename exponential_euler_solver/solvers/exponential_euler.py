@@ -448,10 +448,9 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         super()._load_method_state(state)
         self._load_scheme_state(state)
         self._capped_age = int(state.get("capped_age", 0))
-        headroom = state.get("headroom")  # files written before the headroom rule: its initial state
-        if headroom is not None:
-            self._headroom_age, self._headroom_on = int(headroom[0]), bool(headroom[1])
-            self._headroom_cap = None if headroom[2] is None else float(headroom[2])
+        headroom = state.get("headroom", [0, True, None])  # files written before the rule: its initial state
+        self._headroom_age, self._headroom_on = int(headroom[0]), bool(headroom[1])
+        self._headroom_cap = None if headroom[2] is None else float(headroom[2])
 
 
 class ExponentialEulerSolver(StiffSplitSolver):
