@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import exponential_euler_solver as euler
+from exponential_euler_solver import Stop, integrate
 from exponential_euler_solver.linalg import fused
 
 from conftest import tiny_classifier
@@ -59,6 +60,22 @@ def test_combine_against_float64(mode, dtype, rel, k, layout, three):
     assert torch.allclose(shifted.double(), moved, rtol=0, atol=rel * 10 * moved.abs().max())
     assert sq == pytest.approx(float(ref @ ref), rel=10 * rel)
     assert all(torch.equal(a, b) for a, b in zip(inputs, (x0, x1, x2, base)))  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("k", [0, 2])
+def test_combine_moves_the_base_in_place(mode, dtype, rel, k):
+    n = 2 * fused.BLOCK + 77
+    x0, x1, base = _vectors(n, 3, dtype)
+    V = _basis(n, k, dtype, "columns") if k else None
+    coef = torch.tensor([0.4, -1.1][:k], dtype=torch.float64) if k else None
+    before, out = base.clone(), torch.empty(n, dtype=dtype)
+    sq = fused.combine([(x0, 0.02), (x1, -0.5)], V, coef, out=out, base=base, shifted=base)
+    ref = 0.02 * x0.double() - 0.5 * x1.double() + (V.double() @ coef if k else 0)
+    assert torch.allclose(out.double(), ref, rtol=0, atol=rel * 10 * ref.abs().max())
+    moved = before.double() + ref
+    assert torch.allclose(base.double(), moved, rtol=0, atol=rel * 10 * moved.abs().max())
+    assert sq == pytest.approx(float(ref @ ref), rel=10 * rel)
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
@@ -231,3 +248,83 @@ def test_the_new_gradients_norm_from_the_error_pass_is_its_norm(dtype):
         g = solver.current_gradient().double()
         assert -report.new_slope == pytest.approx(float(g @ g), rel=1e-12 if dtype == torch.float64 else 1e-6)
     assert given[0] is None and len(given) >= 6 and all(n is not None for n in given[1:])  # the first step is one-step
+
+
+def _ulps(a, b):
+    """Largest |a - b| in units of the spacing of floats at |b| (float64 arithmetic)."""
+    spacing = torch.finfo(b.dtype).eps * b.abs().clamp_min(torch.finfo(b.dtype).tiny)
+    return float(((a.double() - b.double()).abs() / spacing.double()).max())
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, loss: euler.AdaptiveGradientDescent(p, loss, 0.5),
+    lambda p, loss: euler.ExponentialEulerSolver(p, loss, 0.5, 1)])
+def test_a_rejected_candidate_formed_in_params_is_undone(make, monkeypatch):
+    # The multistep step forms its candidate in params. Every retry must start from the point the step started
+    # from (to one rounding per entry: params - delta after params + delta), and the run must agree with one whose
+    # candidates are formed in a buffer of their own.
+    loss, params = tiny_classifier(24)
+    solver = make(2 * params.clone(), loss)
+    integrate(solver, Stop(steps=4))  # past the one-step start
+    start, seen = None, []
+    propose = solver._propose
+
+    def checked(dt):
+        assert _ulps(solver.params, start) <= 1.0, _ulps(solver.params, start)
+        proposal = propose(dt)
+        seen.append(proposal.in_place)
+        return proposal
+
+    accepts = solver.controller.accepts
+    calls = {"n": 0}
+
+    def reject_every_first(**kw):  # each step's first candidate is rejected (as a rise of the loss would be)
+        calls["n"] += 1
+        return accepts(**kw) and calls["n"] % 2 == 0
+
+    monkeypatch.setattr(solver, "_propose", checked)
+    monkeypatch.setattr(solver.controller, "accepts", reject_every_first)
+    for _ in range(3):
+        start = solver.params.clone()
+        report = solver.step()
+        assert report.rejections == 1 and report.new_loss < report.loss
+    assert seen.count(True) == 6
+    # The same rejections with the candidate in a buffer of its own (the loop forms params + delta and copies it).
+    other = make(2 * params.clone(), loss)
+    integrate(other, Stop(steps=4))
+    accepts2, calls2 = other.controller.accepts, {"n": 0}
+
+    def reject_every_first2(**kw):
+        calls2["n"] += 1
+        return accepts2(**kw) and calls2["n"] % 2 == 0
+
+    def in_buffer(dt, propose=other._propose):
+        proposal = propose(dt)
+        other.params.sub_(proposal.delta)  # as the loop undoes it, then hand it over as a plain proposal
+        proposal.in_place, proposal.candidate = False, None
+        return proposal
+
+    monkeypatch.setattr(other, "_propose", in_buffer)
+    monkeypatch.setattr(other.controller, "accepts", reject_every_first2)
+    for _ in range(3):
+        other.step()
+    assert torch.allclose(other.params, solver.params, rtol=1e-6, atol=1e-9)
+
+
+def test_an_error_while_evaluating_a_candidate_in_params_leaves_the_start_point(monkeypatch):
+    loss, params = tiny_classifier(24)
+    solver = euler.AdaptiveGradientDescent(2 * params.clone(), loss, 0.5)
+    integrate(solver, Stop(steps=4))
+    start = solver.params.clone()
+    gradient = loss.gradient
+
+    def interrupted(p):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loss, "gradient", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        solver.step()
+    assert _ulps(solver.params, start) <= 1.0
+    monkeypatch.setattr(loss, "gradient", gradient)
+    report = solver.step()  # the run goes on from there
+    assert report.new_loss < report.loss

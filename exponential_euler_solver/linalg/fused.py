@@ -1,10 +1,11 @@
 """The multistep step's passes over parameter-sized vectors, each fused into one pass on the CPU.
 
 A step of :mod:`~exponential_euler_solver.solvers.multistep` forms ``delta = alpha g + beta g_prev + a delta_prev +
-V c``, the candidate ``theta + delta`` and ``||delta||``, and after the new gradient the norm of
-``E = g_new + c1 g + c2 g_prev + c3 delta_prev + V q``, ``V^T g_new`` and ``||g_new||``. As torch operations that
-is a dozen passes over vectors of 2.6M entries (10 MB each in float32), read back from memory after the gradient
-evicted them from the caches; here each group is one loop that reads every input once. Measured on this project's
+V c``, the candidate ``theta + delta`` (in place, in the parameters) and ``||delta||``, and after the new gradient
+the norm of ``E = g_new + c1 g + c2 g_prev + c3 delta_prev + V q``, ``V^T g_new`` and ``||g_new||``. As torch
+operations that is a dozen passes over vectors of 2.6M entries (10 MB each in float32), read back from memory
+after the gradient evicted them from the caches; here each group is one loop that reads every input once. Measured
+on this project's
 2-core CPU (2 threads, inputs evicted from the caches before each group): the adaptive step's two groups 4.5-4.7
 ms against 6.6-6.9 ms as torch operations; with 9 tracked vectors 18.7-19.7 ms against 19.9-21.0 ms, where the two reads
 of ``V`` (95 MB each, near this machine's memory bandwidth) are most of the time.
@@ -48,7 +49,8 @@ ENV_SWITCH = "EXPONENTIAL_EULER_SOLVER_FUSED"
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
 
 _TEMPLATE = r"""
-/* out = c0 x0 + c1 x1 [+ c2 x2] + V cv; shifted = base + out (when shifted is given); returns sum(out^2). Each
+/* out = c0 x0 + c1 x1 [+ c2 x2] + V cv; shifted = base + out (when shifted is given; shifted may be base itself,
+   updated in place); returns sum(out^2). Each
    block is formed in a local array (cache-resident), then written out once. */
 double ees_combine_SFX(long n, int nt, const real *restrict x0, real c0, const real *restrict x1, real c1,
                        const real *restrict x2, real c2, const real *restrict V, long vi, long vj, int k,
@@ -83,7 +85,11 @@ double ees_combine_SFX(long n, int nt, const real *restrict x0, real c0, const r
         }
         real acc = 0;
         real *restrict d = out + s;
-        if (shifted) {
+        if (shifted && shifted == base) {  /* in place: only the one pointer touches the parameters */
+            real *restrict c = shifted + s;
+            #pragma omp simd reduction(+:acc)
+            for (long i = 0; i < m; i++) { d[i] = o[i]; c[i] += o[i]; acc += o[i] * o[i]; }
+        } else if (shifted) {
             const real *restrict p = base + s;
             real *restrict c = shifted + s;
             #pragma omp simd reduction(+:acc)
@@ -256,8 +262,8 @@ def _basis(V: Optional[Tensor], coef: Optional[Tensor], like: Tensor):
 def combine(terms: Sequence[tuple[Tensor, float]], V: Optional[Tensor] = None, coef: Optional[Tensor] = None, *,
             out: Tensor, base: Optional[Tensor] = None, shifted: Optional[Tensor] = None) -> float:
     """``out = sum_i c_i x_i + V coef`` for two or three ``(x_i, c_i)`` terms, ``shifted = base + out`` when both
-    are given, and ``||out||^2`` (float64 sum of per-block sums) as a Python float. ``out`` and ``shifted`` must
-    not overlap the inputs."""
+    are given (``shifted`` may be ``base`` itself: then ``base += out`` in place), and ``||out||^2`` (float64 sum
+    of per-block sums) as a Python float. ``out`` and ``shifted`` must not overlap the other inputs."""
     if not 2 <= len(terms) <= 3:
         raise ValueError(f"combine takes two or three terms; got {len(terms)}")
     V, vi, vj, k, coef = _basis(V, coef, out)

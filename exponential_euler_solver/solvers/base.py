@@ -15,7 +15,10 @@ place** and returns a :class:`StepReport`. The loop is written once, here; a met
     the same point would see. A stage whose loss or gradient is not finite is reported with
     ``Proposal(delta, finite=False, loss=...)``. A method that forms the candidate point or ``||delta||`` in the
     same pass as ``delta`` hands them over (``Proposal.candidate``, ``Proposal.size``); the loop then does not
-    form them again.
+    form them again. The one exception to leaving ``params`` alone: a method may form the candidate in ``params``
+    itself (``params += delta``, ``Proposal.in_place``); the loop then evaluates it there, keeps it on acceptance,
+    and undoes it (``params -= delta``: the point it started from to one rounding per entry) before anything else
+    when the candidate is rejected or its evaluation raises.
 ``_error_norm(dt, proposal, new_grad) -> float | None``
     The method's local error estimate for the accepted point, in parameter space (an absolute norm), given the
     gradient at the candidate (which the loop evaluates anyway: it is the next step's gradient). None: no
@@ -162,8 +165,10 @@ class Proposal:
         cache: what the method keeps for its own error estimate and acceptance (read only by the method).
         error_order: the order of this proposal's error ratio when it differs from the solver's ``error_order``
             (e.g. the one-step start of a multistep method); None: the solver's.
-        candidate: ``params + delta``, when the method formed it with ``delta`` (in a buffer of its own, not
-            ``params``); None: the loop forms it.
+        candidate: ``params + delta``, when the method formed it with ``delta`` (in a buffer of its own, or in
+            ``params`` itself with ``in_place``); None: the loop forms it.
+        in_place: the method added ``delta`` to ``params`` (``candidate`` is ``params``); the loop undoes it when
+            the candidate is rejected.
         size: ``||delta||`` when the method has it; None: the loop computes it (when the error ratio needs it).
         new_grad_norm: ``||grad L(candidate)||``, set by ``_error_norm`` when its estimate computed it in passing;
             None: the loop computes it.
@@ -179,6 +184,7 @@ class Proposal:
     size: Optional[float] = None
     new_grad_norm: Optional[float] = None
     error_ratio: Optional[float] = None
+    in_place: bool = False
 
 
 class Solver:
@@ -337,6 +343,13 @@ class Solver:
         size = _norm(proposal.delta) if proposal.size is None else proposal.size
         return 0.0 if size == 0 else err / (self.controller.rtol * size)
 
+    def _undo(self, proposal: Proposal) -> None:
+        """Move ``params`` back from a candidate the method formed in place."""
+        if proposal.in_place:
+            with torch.no_grad():
+                self.params.sub_(proposal.delta)
+            proposal.in_place = False
+
     def _stationary(self, loss0: float, new_loss: float, delta: Tensor) -> bool:
         """True when both the loss change and the first-order predicted decrease ``-g . delta`` are at the
         loss's round-off level: the flow is at a stationary point to working precision and a strict decrease
@@ -382,10 +395,14 @@ class Solver:
             ratio = None
             if finite:
                 candidate = self.params + proposal.delta if proposal.candidate is None else proposal.candidate
-                new_loss, new_grad = self._evaluate(candidate)
-                if math.isfinite(new_loss):  # the estimate first: it may give the new gradient's norm in passing
-                    ratio = self._error_ratio(dt, proposal, new_grad)
-                new_norm = _norm(new_grad) if proposal.new_grad_norm is None else proposal.new_grad_norm
+                try:
+                    new_loss, new_grad = self._evaluate(candidate)
+                    if math.isfinite(new_loss):  # the estimate first: it may give the new gradient's norm in passing
+                        ratio = self._error_ratio(dt, proposal, new_grad)
+                    new_norm = _norm(new_grad) if proposal.new_grad_norm is None else proposal.new_grad_norm
+                except BaseException:
+                    self._undo(proposal)
+                    raise
                 finite = math.isfinite(new_loss) and math.isfinite(new_norm)
             stationary = finite and self._stationary(loss0, new_loss, proposal.delta)
             decreased = finite and (new_loss < loss0 or stationary)
@@ -393,6 +410,7 @@ class Solver:
             ratio = math.inf if not finite else 0.0 if stationary else ratio
             if self.controller.accepts(finite=finite, decreased=decreased, ratio=ratio):
                 break
+            self._undo(proposal)
             tried.append(new_loss)
             rejections += 1
             self.n_rejected += 1
@@ -406,8 +424,9 @@ class Solver:
             dt = min(dt, self._max_dt())  # a refresh on rejection may have lowered the stability cap
         proposal.error_ratio = ratio
         self._on_accept(dt, proposal, new_grad)
-        with torch.no_grad():
-            self.params.copy_(candidate)
+        if not proposal.in_place:
+            with torch.no_grad():
+                self.params.copy_(candidate)
         self.controller.accepted(dt, ratio, proposal.error_order)
         t_start, self.t = self.t, self.t + dt
         self._loss_value, self._grad, self._grad_norm = new_loss, new_grad, new_norm

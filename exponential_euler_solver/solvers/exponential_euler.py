@@ -181,26 +181,26 @@ class SplitSteps:
             self._coords = coords
         return coords
 
-    def _scratch(self) -> tuple[Tensor, Tensor]:
-        """``(delta, candidate)`` buffers for a multistep step, kept from step to step (a fresh vector of the
-        parameters' size is memory the operating system maps in page by page). There are two for ``delta``, used in
-        turn: the previous step's, which the history holds, is never written over."""
+    def _scratch(self) -> Tensor:
+        """The ``delta`` buffer for a multistep step, kept from step to step (a fresh vector of the parameters' size
+        is memory the operating system maps in page by page). There are two, used in turn: the previous step's,
+        which the history holds, is never written over."""
         like, buffers = self.params, self._scratch_buffers
         if buffers is None or buffers[0].shape != like.shape or buffers[0].dtype != like.dtype \
                 or buffers[0].device != like.device:
-            buffers = self._scratch_buffers = [torch.empty_like(like) for _ in range(3)]
+            buffers = self._scratch_buffers = [torch.empty_like(like) for _ in range(2)]
         held = None if self._history is None else self._history.delta
-        delta = buffers[1] if held is not None and held.data_ptr() == buffers[0].data_ptr() else buffers[0]
-        return delta, buffers[2]
+        return buffers[1] if held is not None and held.data_ptr() == buffers[0].data_ptr() else buffers[0]
 
     def _etd2(self, dt: float) -> Proposal:
         V, mu = self._tracked()
         coords = None if V is None else self._coordinates(V)
-        out, candidate = self._scratch()
-        delta, info = multistep.propose(self._grad, self._history, V, mu, coords, dt, self.momentum, out=out,
-                                        params=self.params, candidate=candidate)
+        # The candidate is formed in params itself, in the pass that forms delta (the loop undoes it on rejection):
+        # no candidate buffer to write and no copy into params on acceptance, two passes over the parameters fewer.
+        delta, info = multistep.propose(self._grad, self._history, V, mu, coords, dt, self.momentum,
+                                        out=self._scratch(), params=self.params, candidate=self.params)
         return Proposal(delta=delta, cache={"kind": "etd2", "info": info, "coords": coords}, error_order=2,
-                        candidate=candidate, size=info["size"])
+                        candidate=self.params, size=info["size"], in_place=True)
 
     @property
     def _multistep(self) -> bool:

@@ -112,7 +112,8 @@ def propose(g: Tensor, history: History, V: Optional[Tensor], mu: Optional[Tenso
     ``e = V^T delta_prev`` and ``d = V^T D_n = (a - a_prev) - mu e``. Returns ``delta`` (written into ``out`` when
     given) and a dict with ``w``, ``momentum``, ``size`` (``||delta||``) and, with tracked directions, ``f2``
     (``phi_2`` weights), ``e`` (``V^T delta``). With ``params`` and ``candidate`` given, ``params + delta`` is
-    written into ``candidate`` in the same pass (:func:`~exponential_euler_solver.linalg.fused.combine`).
+    written into ``candidate`` in the same pass (:func:`~exponential_euler_solver.linalg.fused.combine`);
+    ``candidate`` may be ``params`` itself (the step then moves ``params`` in place).
 
     Without tracked directions a ``momentum`` ``a`` in ``[0, 1)`` gives the explicit two-step family
     ``delta = alpha g + beta g_prev + a delta_prev`` (:func:`bulk_weights`), still second order, whose real
