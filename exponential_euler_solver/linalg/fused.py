@@ -5,10 +5,9 @@ V c``, the candidate ``theta + delta`` (in place, in the parameters) and ``||del
 the norm of ``E = g_new + c1 g + c2 g_prev + c3 delta_prev + V q``, ``V^T g_new`` and ``||g_new||``. As torch
 operations that is a dozen passes over vectors of 2.6M entries (10 MB each in float32), read back from memory
 after the gradient evicted them from the caches; here each group is one loop that reads every input once. Measured
-on this project's
-2-core CPU (2 threads, inputs evicted from the caches before each group): the adaptive step's two groups 4.5-4.7
-ms against 6.6-6.9 ms as torch operations; with 9 tracked vectors 18.7-19.7 ms against 19.9-21.0 ms, where the two reads
-of ``V`` (95 MB each, near this machine's memory bandwidth) are most of the time.
+on this project's 2-core CPU (2 threads, inputs evicted from the caches before each group): the adaptive step's two
+groups 4.5-4.7 ms against 6.6-6.9 ms as torch operations; with 9 tracked vectors 18.7-19.7 ms against 19.9-21.0 ms,
+where the two reads of ``V`` (95 MB each, near this machine's memory bandwidth) are most of the time.
 
 The loops are a few lines of C, compiled the first time they are needed (0.4-0.6 s) with the system's C compiler
 (``$CC``, else ``cc``) into ``~/.cache/exponential_euler_solver/kernels`` and loaded with :mod:`ctypes`. Without a
