@@ -363,7 +363,6 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         self._capped_age = 0  # steps since the refresh that the stability cap bound (multistep)
         self._headroom_age = 0  # of them, those after which the controller asked for its largest growth
         self._headroom_on = True  # the rule is off after a refresh it triggered gained nothing
-        self._headroom_cap: Optional[float] = None  # the cap before a refresh the headroom rule triggered
 
     def _step_limit(self) -> float:  # pragma: no cover - abstract
         """The user's largest step (``max_step_size`` or ``lr``)."""
@@ -392,17 +391,21 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
     def _refresh_due(self) -> bool:
         if not self._multistep or self.tracker.vectors is None:
             return super()._refresh_due()
-        if self._headroom_on and self._headroom_age >= HEADROOM_AGE and self._capped_age < self.max_eig_age:
-            self._headroom_cap = self._stability_cap()
-            return True
         return (self._capped_age >= self.max_eig_age
                 or self.tracker.age >= MULTISTEP_AGE_BACKSTOP * self.max_eig_age)
 
+    def _prepare(self) -> None:
+        # The headroom rule's refresh, judged by what it did to the cap (the regular ones: EigenSolverBase's).
+        if (self._multistep and self.tracker.vectors is not None and self._headroom_on
+                and self._headroom_age >= HEADROOM_AGE and self._capped_age < self.max_eig_age):
+            before = self._stability_cap()
+            self._refresh()
+            self._headroom_on = self._stability_cap() >= HEADROOM_GAIN * before
+            return
+        super()._prepare()
+
     def _refresh(self) -> None:
         super()._refresh()
-        if self._headroom_cap is not None:  # judge the refresh the headroom rule asked for
-            self._headroom_on = self._stability_cap() >= HEADROOM_GAIN * self._headroom_cap
-            self._headroom_cap = None
         self._capped_age = self._headroom_age = 0
 
     def _on_reject(self, finite: bool, decreased: bool, ratio: Optional[float]) -> None:
@@ -433,7 +436,7 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
 
     def _method_state(self) -> dict:
         return {**super()._method_state(), **self._scheme_state(), "capped_age": self._capped_age,
-                "headroom": [self._headroom_age, self._headroom_on, self._headroom_cap],
+                "headroom": [self._headroom_age, self._headroom_on],
                 "scheme": self.scheme, "momentum": self.momentum}
 
     def _load_method_state(self, state: dict) -> None:
@@ -448,9 +451,8 @@ class StiffSplitSolver(SplitSteps, EigenSolverBase):
         super()._load_method_state(state)
         self._load_scheme_state(state)
         self._capped_age = int(state.get("capped_age", 0))
-        headroom = state.get("headroom", [0, True, None])  # files written before the rule: its initial state
+        headroom = state.get("headroom", [0, True])  # files written before the rule: its initial state
         self._headroom_age, self._headroom_on = int(headroom[0]), bool(headroom[1])
-        self._headroom_cap = None if headroom[2] is None else float(headroom[2])
 
 
 class ExponentialEulerSolver(StiffSplitSolver):
